@@ -1,0 +1,166 @@
+"""LLaDA LM: parity with transformers' LlamaForCausalLM under a bidirectional mask, and internal properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcam_jax.models import config as C
+from dcam_jax.models import llada
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CFG_MHA = C.tiny_lm(n_layers=3)
+CFG_GQA = C.tiny_lm(n_layers=2, n_heads=4, n_kv_heads=2)
+
+
+def _random_params(cfg, seed):
+    p = llada.init_lm_params(jax.random.key(seed), cfg, scale=0.2)
+    # non-trivial norm scales so that a mix-up of the norms would show
+    rng = np.random.default_rng(seed)
+    p["layers"]["attn_norm"] = jnp.asarray(1 + 0.3 * rng.standard_normal(p["layers"]["attn_norm"].shape), jnp.float32)
+    p["layers"]["mlp_norm"] = jnp.asarray(1 + 0.3 * rng.standard_normal(p["layers"]["mlp_norm"].shape), jnp.float32)
+    p["final_norm"] = jnp.asarray(1 + 0.3 * rng.standard_normal(p["final_norm"].shape), jnp.float32)
+    return p
+
+
+def _torch_llama(cfg, p):
+    tc = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, max_position_embeddings=cfg.max_seq_len)
+    tc._attn_implementation = "eager"
+    m = transformers.LlamaForCausalLM(tc).eval().double()
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]),
+          "lm_head.weight": t(p["lm_head"]).T}
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = t(p["layers"][ours][i]).T
+        sd[f"model.layers.{i}.input_layernorm.weight"] = t(p["layers"]["attn_norm"][i])
+        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = t(p["layers"]["mlp_norm"][i])
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return m
+
+
+def _torch_logits(m, ids, mask_bool=None):
+    T = ids.shape[1]
+    allowed = np.ones((ids.shape[0], 1, T, T), bool) if mask_bool is None else mask_bool
+    add = torch.from_numpy(np.where(allowed, 0.0, -1e9)).double()
+    with torch.no_grad():
+        return m(input_ids=torch.from_numpy(np.asarray(ids)), attention_mask=add).logits.numpy()
+
+
+@pytest.mark.parametrize("cfg", [CFG_MHA, CFG_GQA], ids=["mha", "gqa"])
+def test_full_attention_matches_llama(cfg):
+    p = _random_params(cfg, 0)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11))
+    ours = np.asarray(llada.lm_logits(p, cfg, jnp.asarray(ids)))
+    ref = _torch_logits(_torch_llama(cfg, p), ids)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_prefix_lm_matches_llama_with_block_mask():
+    cfg = CFG_MHA
+    p = _random_params(cfg, 2)
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 12))
+    P = 7
+    allowed = np.ones((1, 1, 12, 12), bool)
+    allowed[:, :, :P, P:] = False  # prompt queries cannot see answer keys
+    ours = np.asarray(llada.lm_logits(p, cfg, jnp.asarray(ids), attention="prefix_lm", prefix_len=P))
+    ref = _torch_logits(_torch_llama(cfg, p), ids, allowed)
+    assert np.abs(ours - ref).max() <= 1e-4
+    full = np.asarray(llada.lm_logits(p, cfg, jnp.asarray(ids)))
+    assert np.abs(full[:, :P] - ours[:, :P]).max() > 1e-3  # the mask really changes prompt positions
+
+
+def test_bidirectional_last_token_changes_first_position():
+    cfg = CFG_MHA
+    p = _random_params(cfg, 4)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 9)))
+    a = llada.lm_logits(p, cfg, ids)
+    b = llada.lm_logits(p, cfg, ids.at[0, -1].set((ids[0, -1] + 1) % cfg.vocab_size))
+    assert float(jnp.abs(a[0, 0] - b[0, 0]).max()) > 1e-5
+
+
+def test_split_at_layer_equals_full_pass():
+    cfg = CFG_MHA
+    p = _random_params(cfg, 6)
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 8)))
+    x = llada.prepare_inputs(p, cfg, ids)
+    h1 = llada.run_blocks(p["layers"], cfg, x.h0, positions=x.positions, bias=x.bias, stop=1)
+    h3 = llada.run_blocks(p["layers"], cfg, h1, positions=x.positions, bias=x.bias, start=1)
+    np.testing.assert_allclose(np.asarray(llada.final_logits(p, cfg, h3)),
+                               np.asarray(llada.lm_logits(p, cfg, ids)), atol=1e-6)
+
+
+def test_remat_and_jit_equal_eager():
+    cfg = CFG_MHA
+    p = _random_params(cfg, 8)
+    ids = jnp.asarray(np.random.default_rng(9).integers(0, cfg.vocab_size, (1, 6)))
+    eager = llada.lm_logits(p, cfg, ids)
+    jitted = jax.jit(llada.lm_logits, static_argnums=1)(p, cfg, ids)
+    import dataclasses
+    remat = jax.jit(llada.lm_logits, static_argnums=1)(p, dataclasses.replace(cfg, remat=True), ids)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(remat), np.asarray(eager), atol=1e-5)
+
+
+def test_key_padding_mask_and_positions_make_padding_invisible():
+    cfg = CFG_GQA
+    p = _random_params(cfg, 10)
+    ids = np.random.default_rng(11).integers(0, cfg.vocab_size, (1, 7))
+    ref = np.asarray(llada.lm_logits(p, cfg, jnp.asarray(ids)))
+    padded = np.concatenate([ids, np.full((1, 3), cfg.pad_id)], 1)
+    valid = np.arange(10)[None] < 7
+    ours = np.asarray(llada.lm_logits(p, cfg, jnp.asarray(padded), key_valid=jnp.asarray(valid)))
+    np.testing.assert_allclose(ours[:, :7], ref, atol=1e-5)
+
+
+def test_prefix_cache_equals_uncached_prefix_lm():
+    cfg = CFG_GQA
+    p = _random_params(cfg, 12)
+    rng = np.random.default_rng(13)
+    ids = rng.integers(0, cfg.vocab_size, (2, 13))
+    P = 9
+    full = np.asarray(llada.lm_logits(p, cfg, jnp.asarray(ids), attention="prefix_lm", prefix_len=P))
+    emb = llada.embed_tokens(p, cfg, jnp.asarray(ids))
+    cache = llada.build_prefix_cache(p, cfg, emb[:, :P])
+    ans = np.asarray(llada.answer_logits_cached(p, cfg, cache, emb[:, P:]))
+    np.testing.assert_allclose(ans, full[:, P:], atol=1e-5)
+
+
+def test_prefix_cache_with_right_padded_prompt():
+    cfg = CFG_MHA
+    p = _random_params(cfg, 14)
+    rng = np.random.default_rng(15)
+    prompt = rng.integers(0, cfg.vocab_size, (1, 6))
+    answer = rng.integers(0, cfg.vocab_size, (1, 4))
+    ref = np.asarray(llada.lm_logits(p, cfg, jnp.asarray(np.concatenate([prompt, answer], 1)),
+                                     attention="prefix_lm", prefix_len=6))[:, 6:]
+    padded = np.concatenate([prompt, np.full((1, 3), cfg.pad_id)], 1)
+    cache = llada.build_prefix_cache(p, cfg, llada.embed_tokens(p, cfg, jnp.asarray(padded)),
+                                     valid_len=jnp.asarray([6]))
+    ans = np.asarray(llada.answer_logits_cached(p, cfg, cache, llada.embed_tokens(p, cfg, jnp.asarray(answer))))
+    np.testing.assert_allclose(ans, ref, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    cfg = CFG_MHA
+    p = _random_params(cfg, 16)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="attention="):
+        llada.lm_logits(p, cfg, ids, attention="causal")
+    with pytest.raises(ValueError, match="prefix_len"):
+        llada.lm_logits(p, cfg, ids, attention="prefix_lm")
+    with pytest.raises(ValueError, match="block range"):
+        llada.lm_hidden(p, cfg, ids, stop=cfg.n_layers + 1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        llada.lm_logits(p, cfg, jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
+    with pytest.raises(KeyError, match="lm_head"):
+        llada.lm_logits({"embed": p["embed"], "layers": p["layers"], "final_norm": p["final_norm"]}, cfg, ids)
