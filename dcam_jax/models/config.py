@@ -176,6 +176,8 @@ class MLLMConfig:
       system_prompt: system message of the chat template (None: no system turn).
       chat_template: "llada" (LLaMA-3 style headers) or "plain" (toy: "<image>\\n{prompt}\\n" without headers).
       has_post_layernorm: whether the converted checkpoint stored the (unused) vision post-layernorm.
+      attention: the model's native attention over [prompt | answer]: "full" (LLaDA-V) or "prefix_lm" (LaViDa's
+        Prefix-DLM: prompt queries see only the prompt). Sampling and explanations use it unless told otherwise.
     """
 
     lm: LMConfig = dataclasses.field(default_factory=LMConfig)
@@ -189,6 +191,7 @@ class MLLMConfig:
     system_prompt: str | None = LLADA_SYSTEM_PROMPT
     chat_template: str = "llada"
     has_post_layernorm: bool = False
+    attention: str = "full"
 
     def __post_init__(self):
         if self.image_aspect_ratio not in _ASPECT_MODES:
@@ -205,6 +208,8 @@ class MLLMConfig:
         object.__setattr__(self, "grid_pinpoints", pins)
         if self.pool_size is not None and not 0 < self.pool_size <= self.vision.grid:
             raise ConfigError(f"MLLMConfig: pool_size={self.pool_size} must be in [1, {self.vision.grid}]")
+        if self.attention not in ("full", "prefix_lm"):
+            raise ConfigError(f"MLLMConfig: attention={self.attention!r}, expected 'full' or 'prefix_lm'")
         if self.chat_template not in ("llada", "plain"):
             raise ConfigError(f"MLLMConfig: chat_template={self.chat_template!r}, expected 'llada' or 'plain'")
 
@@ -332,7 +337,7 @@ def lavida(dtype: str = "bfloat16") -> MLLMConfig:
         lm=LMConfig(dtype=dtype), vision=VisionConfig(dtype=dtype), name="lavida",
         image_aspect_ratio="anyres",
         grid_pinpoints=((384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)),
-        pool_size=14, default_prompt="Describe this image in one sentence.")
+        pool_size=14, default_prompt="Describe this image in one sentence.", attention="prefix_lm")
 
 
 def llada_v(dtype: str = "bfloat16") -> MLLMConfig:

@@ -139,13 +139,9 @@ def _attend(q, k, v, bias, cfg: LMConfig):
     return o.reshape(B, Tq, H * Dh)
 
 
-def block(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,
-          cache_kv: tuple[jax.Array, jax.Array] | None = None):
-    """One LLaDA block. lp: one layer's params (no leading layer axis); h: [B, T, D].
-
-    cache_kv: optional (k, v) [B, P, KV, Dh] of a cached prefix (RoPE already applied to k); the block's own keys
-    are appended after them. Returns (h_out [B, T, D], (k, v) of this block's own tokens, RoPE applied).
-    """
+def attention_half(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,
+                   cache_kv: tuple[jax.Array, jax.Array] | None = None):
+    """First half of a block: h + Attn(RMSNorm(h)). Returns (h_mid [B, T, D], (k, v) of these tokens)."""
     dt = h.dtype
     B, T, _ = h.shape
     a = rms_norm(h, lp["attn_norm"], cfg.rms_eps)
@@ -155,10 +151,35 @@ def block(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: L
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = (k, v) if cache_kv is None else (jnp.concatenate([cache_kv[0], k], 1),
                                                      jnp.concatenate([cache_kv[1], v], 1))
-    h = h + _attend(q, k_all, v_all, bias, cfg) @ lp["o"].astype(dt)
-    m = rms_norm(h, lp["mlp_norm"], cfg.rms_eps)
+    return h + _attend(q, k_all, v_all, bias, cfg) @ lp["o"].astype(dt), (k, v)
+
+
+def mlp_norm(lp: Params, h_mid: jax.Array, cfg: LMConfig) -> jax.Array:
+    """The post-attention RMSNorm output (the MLP input), the activation LLaVA-CAM hooks. [B, T, D]."""
+    return rms_norm(h_mid, lp["mlp_norm"], cfg.rms_eps)
+
+
+def mlp_half(lp: Params, h_mid: jax.Array, m: jax.Array) -> jax.Array:
+    """Second half of a block given its MLP input m = mlp_norm(h_mid): h_mid + SwiGLU(m). [B, T, D]."""
+    dt = h_mid.dtype
     g = jax.nn.silu(m @ lp["gate"].astype(dt)) * (m @ lp["up"].astype(dt))
-    return h + g @ lp["down"].astype(dt), (k, v)
+    return h_mid + g @ lp["down"].astype(dt)
+
+
+def block(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,
+          cache_kv: tuple[jax.Array, jax.Array] | None = None):
+    """One LLaDA block. lp: one layer's params (no leading layer axis); h: [B, T, D].
+
+    cache_kv: optional (k, v) [B, P, KV, Dh] of a cached prefix (RoPE already applied to k); the block's own keys
+    are appended after them. Returns (h_out [B, T, D], (k, v) of this block's own tokens, RoPE applied).
+    """
+    h_mid, kv = attention_half(lp, h, cos, sin, bias, cfg, cache_kv)
+    return mlp_half(lp, h_mid, mlp_norm(lp, h_mid, cfg)), kv
+
+
+def layer_params(layers: Params, i: int) -> Params:
+    """One layer's params (index ``i`` of the stacked axis)."""
+    return jax.tree.map(lambda a: a[i], layers)
 
 
 def _slice_layers(layers: Params, start: int, stop: int) -> Params:

@@ -88,8 +88,19 @@ def build_prompt_ids(question: str | None, config: MLLMConfig, tokenizer) -> np.
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Per-token decoded strings (special tokens kept as their text)."""
-    return [tokenizer.decode([int(i)]) for i in ids]
+    """Per-token strings as they appear in the decoded text, leading space included when the token starts a new
+    word (decoded incrementally, so word-level and byte-level BPE tokenizers agree: ``" red"``, ``" cir"``,
+    ``"cle"``). Special tokens keep their text."""
+    ids = [int(i) for i in ids]
+    pieces, prev = [], ""
+    for k in range(len(ids)):
+        cur = tokenizer.decode(ids[:k + 1])
+        if cur.startswith(prev):
+            pieces.append(cur[len(prev):])
+        else:  # a tokenizer whose decode is not prefix-stable here: fall back to the token alone, spaced
+            pieces.append(" " + tokenizer.decode([ids[k]]))
+        prev = cur
+    return pieces
 
 
 def decode_answer(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> tuple[str, int]:

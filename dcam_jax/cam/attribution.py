@@ -1,0 +1,272 @@
+"""Raw gradient CAMs of answer tokens at layer L, for many probe states and targets in one jitted call.
+
+For a probe state x (the answer, some positions [MASK]) and a target answer position p with token y:
+
+    A   = activation at layer L (residual stream after block L, or LLaVA-CAM's post-attention norm output)
+    S   = score of y at p computed from A by the upper part of the network (blocks L+1..N, final norm, head)
+    G   = dS/dA                                    (one reverse pass, ``jax.vjp`` of the upper part at A)
+    map = aggregation(A[img], G[img])              [H, W], img = the view's positions from ImageLayout
+
+The forward pass of a probe state is shared by every target explained at that state (the vjp closure is applied
+to a vmapped batch of cotangents); states are batched with ``jax.lax.map`` in chunks of ``batch_size`` so memory
+stays bounded at 8B scale.
+
+Aggregations (A, G: [H, W, C]):
+  gradcam            ReLU(sum_c w_c A_c),  w_c = mean_hw G            (standard Grad-CAM; the default)
+  channel_relu_mean  mean_c ReLU(w_c A_c)                             (the authors' released code)
+  layercam           ReLU(sum_c ReLU(G_c) A_c)
+  hirescam           ReLU(sum_c G_c A_c)
+  gradcam_pp         ReLU(sum_c w_c A_c), w_c = sum_hw alpha ReLU(G),  alpha = G^2 / (2 G^2 + sum_hw A G^3)
+Weights optionally use ReLU(G) first (``grad_relu``, the authors' code and LLaVA-CAM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcam_jax.models import llada
+from dcam_jax.models.config import MLLMConfig
+
+Params = dict[str, Any]
+
+SCORES = ("logprob", "logit", "max_logit", "vocab_sum", "sum_logits")
+AGGREGATIONS = ("gradcam", "channel_relu_mean", "layercam", "hirescam", "gradcam_pp")
+HOOKS = ("residual", "post_attn_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradSpec:
+    """Static description of one gradient-CAM computation (hashable: a jit static argument).
+
+    Attributes:
+      layer: block index L (0-based); the hooked activation belongs to this block.
+      hook: "residual" (block output) or "post_attn_norm" (the MLP input of block L, LLaVA-CAM).
+      attention: "full" or "prefix_lm" (the prompt, image included, is the prefix).
+      score: "logprob" (log p(y | state) at p), "logit", "max_logit" (largest logit at p), "vocab_sum" (sum of
+        all logits at p, the authors' score), "sum_logits" (sum over answer positions q of the logit of y_q at q;
+        LLaVA-CAM; the same for every target).
+      contrast: "none", "runner_up" (minus the score of the best other token at p) or "position" (minus the score
+        of the contrast token at the contrast position given per target).
+      aggregation: one of AGGREGATIONS.
+      grad_relu: use ReLU(G) in the channel weights.
+    """
+
+    layer: int
+    hook: str = "residual"
+    attention: str = "full"
+    score: str = "logprob"
+    contrast: str = "none"
+    aggregation: str = "gradcam"
+    grad_relu: bool = False
+
+    def __post_init__(self):
+        for name, value, allowed in (("hook", self.hook, HOOKS), ("score", self.score, SCORES),
+                                     ("aggregation", self.aggregation, AGGREGATIONS),
+                                     ("contrast", self.contrast, ("none", "runner_up", "position")),
+                                     ("attention", self.attention, llada.ATTENTION_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; expected one of {allowed}")
+
+
+def check_layer(layer: int, config: MLLMConfig) -> int:
+    n = config.lm.n_layers
+    if not isinstance(layer, (int, np.integer)) or not 0 <= layer < n:
+        raise ValueError(f"layer={layer!r} is out of range: this model has blocks 0..{n - 1}")
+    return int(layer)
+
+
+def check_probe_valid(image_positions: np.ndarray, hidden_len: int, prefix_len: int) -> None:
+    """Raise unless the hooked hidden state (``hidden_len`` tokens) holds the whole image span inside the prompt.
+
+    A probe state is structurally valid only if every image token of the chosen view is a position of the hooked
+    sequence; e.g. an answer-only pass over a prefix cache holds no image token at all.
+    """
+    lo, hi = int(image_positions.min()), int(image_positions.max())
+    if lo < 0 or hi >= min(hidden_len, prefix_len):
+        raise ValueError(
+            f"probe state is not structurally valid: the image span [{lo}, {hi}] is not inside the hooked hidden "
+            f"state of {hidden_len} tokens whose prompt part has {prefix_len} tokens. Explanations need a pass "
+            "that holds the whole image span (the full sequence, not an answer-only cached step).")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def aggregate(A: jax.Array, G: jax.Array, aggregation: str, grad_relu: bool = False) -> jax.Array:
+    """Channel aggregation of activations and gradients. A, G: [H, W, C] -> map [H, W] float32 (not normalised)."""
+    A = A.astype(jnp.float32)
+    G = G.astype(jnp.float32)
+    Gw = jax.nn.relu(G) if grad_relu else G
+    if aggregation == "gradcam":
+        return jax.nn.relu(jnp.einsum("hwc,c->hw", A, Gw.mean(axis=(0, 1))))
+    if aggregation == "channel_relu_mean":
+        return jax.nn.relu(A * Gw.mean(axis=(0, 1))).mean(-1)
+    if aggregation == "layercam":
+        return jax.nn.relu(jnp.sum(jax.nn.relu(G) * A, -1))
+    if aggregation == "hirescam":
+        return jax.nn.relu(jnp.sum(Gw * A, -1))
+    if aggregation == "gradcam_pp":
+        g2, g3 = G * G, G * G * G
+        denom = 2 * g2 + jnp.sum(A * g3, axis=(0, 1), keepdims=True)
+        alpha = jnp.where(denom != 0, g2 / jnp.where(denom != 0, denom, 1.0), 0.0)
+        w = jnp.sum(alpha * jax.nn.relu(G), axis=(0, 1))
+        return jax.nn.relu(jnp.einsum("hwc,c->hw", A, w))
+    raise ValueError(f"aggregation={aggregation!r}; expected one of {AGGREGATIONS}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the forward split at layer L
+
+
+def _lower_upper(lm: Params, cfg, spec: GradSpec, h0: jax.Array, positions, bias):
+    """Return (A, upper) with A the hooked activation [1, T, D] and upper(A) -> final hidden [1, T, D]."""
+    layers = lm["layers"]
+    L = spec.layer
+    if spec.hook == "residual":
+        A = llada.run_blocks(layers, cfg, h0, positions=positions, bias=bias, stop=L + 1)
+
+        def upper(a):
+            return llada.run_blocks(layers, cfg, a, positions=positions, bias=bias, start=L + 1)
+
+        return A, upper
+    h_in = llada.run_blocks(layers, cfg, h0, positions=positions, bias=bias, stop=L)
+    lp = llada.layer_params(layers, L)
+    cos, sin = llada.rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    h_mid, _ = llada.attention_half(lp, h_in, cos, sin, bias, cfg)
+    A = llada.mlp_norm(lp, h_mid, cfg)
+
+    def upper(m):
+        h = llada.mlp_half(lp, h_mid, m)
+        return llada.run_blocks(layers, cfg, h, positions=positions, bias=bias, start=L + 1)
+
+    return A, upper
+
+
+def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, P: int, answer: jax.Array, answer_valid: jax.Array,
+           pos, tok, cpos, ctok):
+    """Scalar score of one target from the final hidden state hN [1, T, D] (float32)."""
+
+    def logits_at(q):
+        x = jax.lax.dynamic_slice_in_dim(hN, P + q, 1, axis=1)  # [1, 1, D]
+        return llada.final_logits(lm, cfg, x)[0, 0]  # [V]
+
+    def one(q, y):
+        lg = logits_at(q)
+        if spec.score == "logprob":
+            return jax.nn.log_softmax(lg)[y]
+        if spec.score == "logit":
+            return lg[y]
+        if spec.score == "max_logit":
+            return jnp.max(lg)
+        if spec.score == "vocab_sum":
+            return jnp.sum(lg)
+        raise AssertionError(spec.score)
+
+    if spec.score == "sum_logits":
+        lg = llada.final_logits(lm, cfg, hN[:, P:])[0]  # [G, V]
+        return jnp.sum(jnp.where(answer_valid, jnp.take_along_axis(lg, answer[:, None], 1)[:, 0], 0.0))
+    s = one(pos, tok)
+    if spec.contrast == "runner_up":
+        lg = jax.lax.stop_gradient(logits_at(pos))
+        runner = jnp.argmax(jnp.where(jnp.arange(lg.shape[0]) == tok, -jnp.inf, lg))
+        s = s - one(pos, runner)
+    elif spec.contrast == "position":
+        s = s - one(cpos, ctok)
+    return s
+
+
+def state_maps(params: Params, config: MLLMConfig, spec: GradSpec, prompt_embeds: jax.Array,
+               image_positions: jax.Array, state: jax.Array, answer: jax.Array, answer_valid: jax.Array,
+               target_pos: jax.Array, target_tok: jax.Array, contrast_pos: jax.Array, contrast_tok: jax.Array):
+    """Raw maps of several targets at ONE probe state (one forward, one vmapped reverse pass).
+
+    prompt_embeds: [P, D] (image spliced in); image_positions: [H, W] int sequence positions of the view;
+    state: [G] answer ids at this probe state (mask ids where masked); answer: [G] the final answer ids;
+    answer_valid: [G] bool, real answer tokens (for "sum_logits"); target_pos/target_tok/contrast_pos/contrast_tok:
+    [Tg] int. Returns (maps [Tg, H, W] float32, not normalised; scores [Tg] float32).
+    """
+    lm = params["lm"]
+    cfg = config.lm
+    P = prompt_embeds.shape[0]
+    ans_emb = llada.embed_tokens(lm, cfg, state[None])
+    h0 = jnp.concatenate([prompt_embeds.astype(ans_emb.dtype)[None], ans_emb], axis=1)
+    T = h0.shape[1]
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    bias = llada.attention_bias(jnp.arange(T), T, attention=spec.attention,
+                                prefix_len=P if spec.attention == "prefix_lm" else None)
+    A, upper = _lower_upper(lm, cfg, spec, h0, positions, bias)
+    hN, vjp_fn = jax.vjp(upper, A)
+
+    def one_target(pos, tok, cpos, ctok):
+        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), P, answer, answer_valid,
+                                    pos, tok, cpos, ctok)
+        s, cot = jax.value_and_grad(score_fn)(hN)
+        (G,) = vjp_fn(cot.astype(hN.dtype))
+        return aggregate(A[0][image_positions], G[0][image_positions], spec.aggregation, spec.grad_relu), s
+
+    return jax.vmap(one_target)(target_pos, target_tok, contrast_pos, contrast_tok)
+
+
+def _batched_state_maps(params, config, spec, batch_size, prompt_embeds, image_positions, states, answer,
+                        answer_valid, target_pos, target_tok, contrast_pos, contrast_tok):
+    """states: [S, G]; targets: [S, Tg]. -> (maps [S, Tg, H, W], scores [S, Tg])."""
+
+    def f(xs):
+        st, tp, tt, cp, ct = xs
+        return state_maps(params, config, spec, prompt_embeds, image_positions, st, answer, answer_valid,
+                          tp, tt, cp, ct)
+
+    return jax.lax.map(f, (states, target_pos, target_tok, contrast_pos, contrast_tok),
+                       batch_size=min(batch_size, states.shape[0]))
+
+
+batched_state_maps = jax.jit(_batched_state_maps, static_argnums=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# probe states
+
+
+def decision_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequence[int], mask_id: int) -> np.ndarray:
+    """The state just before each target was committed: where(commit_step < commit_step[p], tokens, MASK).
+
+    tokens, commit_step: [G]; targets: answer positions -> [len(targets), G] int32.
+    """
+    tokens = np.asarray(tokens)
+    cs = np.asarray(commit_step)
+    s = cs[np.asarray(targets)][:, None]
+    return np.where(cs[None, :] < s, tokens[None, :], mask_id).astype(np.int32)
+
+
+def noise_states(tokens: np.ndarray, targets: Sequence[int], ratios: Sequence[float], key: jax.Array,
+                 mask_id: int) -> np.ndarray:
+    """Random re-maskings of the final answer: for each target and ratio t, mask each position with probability
+    t, the target position always. tokens: [G] -> [len(targets), K, G] int32 (K = len(ratios))."""
+    tokens = np.asarray(tokens)
+    G = tokens.shape[0]
+    T, K = len(targets), len(ratios)
+    u = np.asarray(jax.random.uniform(key, (T, K, G)))
+    masked = u < np.asarray(ratios, np.float32)[None, :, None]
+    masked[np.arange(T), :, np.asarray(targets)] = True
+    return np.where(masked, mask_id, tokens[None, None, :]).astype(np.int32)
+
+
+def default_noise_ratios(k: int) -> tuple[float, ...]:
+    """K ratios evenly spaced inside (0, 1): (i + 1) / (K + 1)."""
+    if k < 1:
+        raise ValueError(f"num_noise_samples={k} must be >= 1")
+    return tuple((i + 1) / (k + 1) for i in range(k))
+
+
+def normalize_maps(maps: jax.Array) -> jax.Array:
+    """Min-max normalise each map of [..., H, W] to [0, 1]; a constant map becomes all zeros."""
+    lo = maps.min(axis=(-2, -1), keepdims=True)
+    hi = maps.max(axis=(-2, -1), keepdims=True)
+    rng = hi - lo
+    return jnp.where(rng > 0, (maps - lo) / jnp.where(rng > 0, rng, 1.0), 0.0)

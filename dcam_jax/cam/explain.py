@@ -1,0 +1,364 @@
+"""Explanations of answer tokens: method presets, probe states, raw maps, refinement, and the result object.
+
+``CamConfig`` chooses a method and its knobs; :func:`explain_answer` works on arrays that the host already
+prepared (prompt embeddings with the image spliced in, the ImageLayout, the answer and its trajectory) and
+returns an :class:`Explanation`. The user-facing ``dcam_jax.explain(model, image, prompt)`` wraps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcam_jax.cam import attribution as attr
+from dcam_jax.models import llada
+from dcam_jax.models.config import MLLMConfig
+from dcam_jax.models.mllm import ImageLayout
+
+METHODS = ("diffusion_cam", "gradcam", "llava_cam", "tam", "layercam", "gradcam_pp", "hirescam")
+PROBES = ("decision", "noise", "clean", "final")
+
+
+@dataclasses.dataclass(frozen=True)
+class CamConfig:
+    """How to explain answer tokens.
+
+    Attributes:
+      method: "diffusion_cam" (default), "gradcam" (the authors' Grad-CAM baseline), "llava_cam", "tam",
+        "layercam", "gradcam_pp", "hirescam". Fields left as None take the method's preset (see
+        :func:`resolve`); anything set explicitly wins.
+      layer: hooked block index L (None: the method's default; Diffusion-CAM: n_layers // 3, i.e. 10 of 32).
+      probe: "decision" (the state just before the token was committed), "noise" (K random re-maskings of the
+        final answer, the target always masked), "clean" (the final answer, teacher-forced), "final" (the state
+        before the last denoising step; the authors' Grad-CAM baseline).
+      attention: "full" or "prefix_lm"; None: the model's native attention.
+      score: "logprob", "logit", "max_logit", "vocab_sum", "sum_logits" (see attribution.GradSpec).
+      contrast: "none", "runner_up", or an int answer position whose token is subtracted.
+      num_noise_samples / noise_ratios: for probe "noise" (ratios default to an even grid inside (0, 1)).
+      view: "highres" or "base" (the base view of any-resolution layouts); None: high-res when present.
+      aggregation, grad_relu, hook: see attribution.
+      refine: a RefineConfig, a preset name ("full", "none", "akd", "dacg", "cba", "sicd", "reference_compat"),
+        or None for the method's default.
+      threshold: after max-normalisation, values below it set to 0 (LLaVA-CAM 0.5); None for none.
+      batch_size: probe states per vmapped chunk (bounds memory on large models).
+    """
+
+    method: str = "diffusion_cam"
+    layer: int | None = None
+    probe: str | None = None
+    attention: str | None = None
+    score: str | None = None
+    contrast: Any = None
+    num_noise_samples: int = 4
+    noise_ratios: tuple[float, ...] | None = None
+    view: str | None = None
+    aggregation: str | None = None
+    grad_relu: bool | None = None
+    hook: str | None = None
+    refine: Any = None
+    threshold: float | None = None
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; expected one of {METHODS}")
+        if self.probe is not None and self.probe not in PROBES:
+            raise ValueError(f"probe={self.probe!r}; expected one of {PROBES}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.noise_ratios is not None:
+            r = tuple(float(x) for x in self.noise_ratios)
+            if not r or any(not 0.0 <= x < 1.0 for x in r):
+                raise ValueError(f"noise_ratios={self.noise_ratios} must be a non-empty list of values in [0, 1)")
+            object.__setattr__(self, "noise_ratios", r)
+
+
+# method presets: every field a method fixes; user-set fields win
+_PRESETS = {
+    "diffusion_cam": dict(probe="decision", score="logprob", contrast="none", aggregation="gradcam",
+                          grad_relu=False, hook="residual", refine="full"),
+    "gradcam": dict(probe="final", attention="prefix_lm", score="max_logit", contrast="none",
+                    aggregation="channel_relu_mean", grad_relu=False, hook="residual", refine="none"),
+    "llava_cam": dict(probe="clean", score="sum_logits", contrast="none", aggregation="gradcam", grad_relu=True,
+                      hook="post_attn_norm", refine="none", threshold=0.5),
+    "tam": dict(probe="clean", refine="none"),
+    "layercam": dict(probe="decision", score="logprob", contrast="none", aggregation="layercam", grad_relu=False,
+                     hook="residual", refine="none"),
+    "gradcam_pp": dict(probe="decision", score="logprob", contrast="none", aggregation="gradcam_pp",
+                       grad_relu=False, hook="residual", refine="none"),
+    "hirescam": dict(probe="decision", score="logprob", contrast="none", aggregation="hirescam", grad_relu=False,
+                     hook="residual", refine="none"),
+}
+
+
+def reference_compat() -> CamConfig:
+    """The authors' released Diffusion-CAM behaviour (SPEC 4.5): clean teacher-forced forward, vocab-sum score
+    contrasted with the previous answer token, ReLU on gradients, mean of per-channel ReLU, and the
+    ``reference_compat`` refinement (k = 3, DACG a no-op, SICD always on). Never the default."""
+    return CamConfig(method="diffusion_cam", probe="clean", score="vocab_sum", contrast="previous",
+                     aggregation="channel_relu_mean", grad_relu=True, refine="reference_compat")
+
+
+def resolve(cam: CamConfig, config: MLLMConfig) -> CamConfig:
+    """Fill every None field of ``cam`` from its method's preset and the model config."""
+    preset = dict(_PRESETS[cam.method])
+    changes = {k: v for k, v in preset.items() if getattr(cam, k) is None}
+    if cam.layer is None:
+        changes["layer"] = config.lm.n_layers - 1 if cam.method == "tam" else config.lm.n_layers // 3
+    if cam.attention is None and "attention" not in changes:
+        changes["attention"] = config.attention
+    out = dataclasses.replace(cam, **changes)
+    attr.check_layer(out.layer, config)
+    if out.contrast not in ("none", "runner_up", "previous") and not isinstance(out.contrast, (int, np.integer)):
+        raise ValueError(f"contrast={out.contrast!r}; expected 'none', 'runner_up', 'previous' or an answer position")
+    return out
+
+
+def refine_config(cam: CamConfig):
+    """The RefineConfig of a CamConfig (its ``refine`` field, or the method's preset)."""
+    from dcam_jax.cam import refine as rf
+
+    r = cam.refine
+    if r is None:
+        r = _PRESETS[cam.method]["refine"]
+    return rf.refine_preset(r) if isinstance(r, str) else r
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the result
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """Per-token explanation maps of one answer.
+
+    Attributes:
+      maps: [T, H, W] float32 in [0, 1], the refined maps (one per explained token or word).
+      raw_maps: [T, H, W] float32, the raw maps before refinement (min-max normalised).
+      tokens: T strings, the explained tokens (or words), aligned with ``maps``.
+      positions: T tuples of answer positions (several for a word made of sub-tokens).
+      scores: [T] the target scores at the probe states (mean over states and sub-tokens).
+      text: the answer text; answer_ids: [G] the answer token ids.
+      layout: the ImageLayout; view: the explained view; image_size: (width, height) of the input image.
+      config: the resolved CamConfig.
+    """
+
+    maps: np.ndarray
+    raw_maps: np.ndarray
+    tokens: list[str]
+    positions: list[tuple[int, ...]]
+    scores: np.ndarray
+    text: str
+    answer_ids: np.ndarray
+    layout: ImageLayout
+    view: str
+    image_size: tuple[int, int]
+    config: CamConfig
+
+    def image_maps(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Maps resized bilinearly to ``size`` = (height, width) (default: the input image). -> [T, *size]."""
+        if size is None:
+            size = (self.image_size[1], self.image_size[0])
+        maps = jnp.asarray(self.maps)
+        out = jax.image.resize(maps, (maps.shape[0], int(size[0]), int(size[1])), "bilinear", antialias=False)
+        return np.clip(np.asarray(out), 0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (no arrays): answer, tokens, positions, per-map statistics, layout, config."""
+        stats = []
+        for tok, pos, m, s in zip(self.tokens, self.positions, self.maps, self.scores):
+            peak = np.unravel_index(int(np.argmax(m)), m.shape)
+            stats.append({"token": tok, "positions": list(pos), "score": float(s), "mean": float(m.mean()),
+                          "max": float(m.max()), "peak_row": int(peak[0]), "peak_col": int(peak[1])})
+        cfg = dataclasses.asdict(self.config)
+        if not isinstance(cfg.get("refine"), (str, type(None))):
+            cfg["refine"] = dataclasses.asdict(self.config.refine) if dataclasses.is_dataclass(self.config.refine) \
+                else str(self.config.refine)
+        return {"answer": self.text, "answer_ids": [int(i) for i in self.answer_ids], "view": self.view,
+                "map_shape": list(self.maps.shape[1:]), "image_size": list(self.image_size),
+                "layout": self.layout.to_dict(), "tokens": stats, "config": cfg}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# array-level explanation
+
+
+def _contrast_for(cam: CamConfig, targets: np.ndarray, answer: np.ndarray):
+    """(spec contrast mode, contrast positions [T], contrast tokens [T])."""
+    T = len(targets)
+    if cam.contrast in ("none", "runner_up"):
+        return cam.contrast, np.zeros(T, np.int32), np.zeros(T, np.int32)
+    if cam.contrast == "previous":
+        # the authors contrast each token with a neighbouring answer token; we use the previous one (the next one
+        # for the first token)
+        cpos = np.where(targets > 0, targets - 1, np.minimum(targets + 1, len(answer) - 1)).astype(np.int32)
+    else:
+        q = int(cam.contrast)
+        if not 0 <= q < len(answer):
+            raise ValueError(f"contrast position {q} is outside the answer (0..{len(answer) - 1})")
+        cpos = np.full(T, q, np.int32)
+    return "position", cpos, answer[cpos].astype(np.int32)
+
+
+def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: jax.Array, layout: ImageLayout,
+                   answer: np.ndarray, targets: Sequence[int], *, commit_step: np.ndarray | None = None,
+                   answer_valid: np.ndarray | None = None, key: jax.Array | None = None):
+    """Raw (unnormalised) maps of answer positions ``targets`` for a resolved gradient method.
+
+    prompt_embeds: [P, D]; answer: [G] final answer ids; commit_step: [G] (probes "decision" and "final").
+    Returns (maps [T, H, W] float32 averaged over probe states, scores [T]).
+    """
+    cam = resolve(cam, config)
+    answer = np.asarray(answer, np.int32)
+    G = answer.shape[0]
+    targets = np.asarray(targets, np.int32)
+    valid = np.ones(G, bool) if answer_valid is None else np.asarray(answer_valid, bool)
+    P = int(prompt_embeds.shape[0])
+    img = layout.positions(cam.view)
+    attr.check_probe_valid(img, P + G, P)
+    mask_id = config.lm.mask_id
+    mode, cpos, ctok = _contrast_for(cam, targets, answer)
+    spec = attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention, score=cam.score, contrast=mode,
+                         aggregation=cam.aggregation, grad_relu=cam.grad_relu)
+    T = len(targets)
+    args = (params, config, spec, cam.batch_size, prompt_embeds, jnp.asarray(img), None, jnp.asarray(answer),
+            jnp.asarray(valid))
+
+    def run(states, tp, tt, cp, ct):
+        a = list(args)
+        a[6] = jnp.asarray(states)
+        return attr.batched_state_maps(*a, jnp.asarray(tp), jnp.asarray(tt), jnp.asarray(cp), jnp.asarray(ct))
+
+    if cam.probe in ("clean", "final"):
+        if cam.probe == "final":
+            if commit_step is None:
+                raise ValueError("probe='final' needs the generation trajectory (commit_step); generate the answer "
+                                 "with dcam_jax.generate or use probe='clean'")
+            last = int(np.max(commit_step))
+            state = np.where(np.asarray(commit_step) < last, answer, mask_id)
+        else:
+            state = answer
+        maps, scores = run(state[None], targets[None], answer[targets][None], cpos[None], ctok[None])
+        return maps[0], scores[0]
+    if cam.probe == "decision":
+        if commit_step is None:
+            raise ValueError("probe='decision' needs the generation trajectory (commit_step): let explain() generate "
+                             "the answer, or use probe='noise' or 'clean' for a given answer")
+        states = attr.decision_states(answer, commit_step, targets, mask_id)
+        maps, scores = run(states, targets[:, None], answer[targets][:, None], cpos[:, None], ctok[:, None])
+        return maps[:, 0], scores[:, 0]
+    # noise: K states per target, averaged
+    ratios = cam.noise_ratios or attr.default_noise_ratios(cam.num_noise_samples)
+    if key is None:
+        raise ValueError("probe='noise' needs a PRNG key (key=jax.random.key(0))")
+    states = attr.noise_states(answer, targets, ratios, key, mask_id)  # [T, K, G]
+    K = len(ratios)
+    rep = lambda a: np.repeat(a, K)[:, None]
+    maps, scores = run(states.reshape(T * K, G), rep(targets), rep(answer[targets]), rep(cpos), rep(ctok))
+    H, W = img.shape
+    return maps.reshape(T, K, H, W).mean(1), scores.reshape(T, K).mean(1)
+
+
+def tam_raw_maps(params, config: MLLMConfig, prompt_embeds: jax.Array, layout: ImageLayout, answer: np.ndarray,
+                 targets: Sequence[int], view: str | None = None, attention: str = "full"):
+    """TAM's gradient-free maps: ReLU of the class logit computed at every image position from the final-norm
+    hidden state (clean state). Also returns the text scores for estimated causal inference:
+    ``text[t, i]`` = ReLU(logit of class y_t at answer position i). -> (maps [T, H, W], text [T, G])."""
+    img = layout.positions(view)
+    answer = np.asarray(answer, np.int32)
+    classes = answer[np.asarray(targets, np.int32)]
+    return _tam_jit(params, config, prompt_embeds, jnp.asarray(img), jnp.asarray(answer), jnp.asarray(classes),
+                    attention)
+
+
+def _tam(params, config, prompt_embeds, img, answer, classes, attention):
+    lm, cfg = params["lm"], config.lm
+    P = prompt_embeds.shape[0]
+    emb = jnp.concatenate([prompt_embeds[None].astype(jnp.dtype(cfg.dtype)),
+                           llada.embed_tokens(lm, cfg, answer[None])], axis=1)
+    h = llada.lm_hidden(lm, cfg, inputs_embeds=emb, attention=attention,
+                        prefix_len=P if attention == "prefix_lm" else None)
+    x = llada.rms_norm(h[0], lm["final_norm"], cfg.rms_eps).astype(jnp.float32)  # [T_all, D]
+    head = lm["lm_head"][:, classes].astype(jnp.float32)  # [D, T]
+    maps = jax.nn.relu(jnp.einsum("hwd,dt->thw", x[img], head))
+    text = jax.nn.relu(x[P:] @ head).T  # [T, G]
+    return maps, text
+
+
+_tam_jit = jax.jit(_tam, static_argnums=(1, 6))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# words and targets
+
+_PUNCT = re.compile(r"^[\W_]+$")
+FUNCTION_WORDS = frozenset(
+    "a an the and or but nor of in on at to for with by from as is are was were be been being it its this that "
+    "these those there here which who whom whose what where when while than then so such very some any each "
+    "left right above below near next".split())
+
+
+def group_words(token_strings: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """Group sub-tokens into words: a token starting with a space (or the first token) starts a word.
+
+    token_strings: decoded strings of the answer tokens -> [(word, positions)], punctuation-only tokens kept as
+    their own words.
+    """
+    words: list[tuple[str, list[int]]] = []
+    for i, s in enumerate(token_strings):
+        starts = not words or s.startswith((" ", "\n", "\t")) or _PUNCT.match(s.strip() or "x") \
+            or _PUNCT.match(words[-1][0] or "x")
+        if starts:
+            words.append((s.strip(), [i]))
+        else:
+            words[-1] = (words[-1][0] + s, words[-1][1] + [i])
+    return [(w, tuple(p)) for w, p in words if w]
+
+
+def is_content_word(word: str) -> bool:
+    """Not punctuation and not a function word (articles, prepositions, relation words, auxiliaries...)."""
+    w = word.strip().lower()
+    return bool(w) and not _PUNCT.match(w) and w not in FUNCTION_WORDS
+
+
+def resolve_targets(targets, token_strings: Sequence[str], n_valid: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Turn a targets spec into [(label, answer positions)].
+
+    targets: "all" (every real answer token), "content" (content words, sub-tokens together), a list of int
+    positions, or a list of words (each must occur in the answer; all its sub-tokens are explained together).
+    """
+    toks = list(token_strings[:n_valid])
+    if n_valid == 0:
+        raise ValueError("the answer is empty: there is nothing to explain")
+    if isinstance(targets, str):
+        if targets == "all":
+            return [(toks[i], (i,)) for i in range(n_valid)]
+        if targets == "content":
+            out = [(w, p) for w, p in group_words(toks) if is_content_word(w)]
+            if not out:
+                raise ValueError(f"the answer {''.join(toks)!r} has no content words; use targets='all'")
+            return out
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise ValueError("targets is empty")
+    if all(isinstance(t, (int, np.integer)) for t in targets):
+        bad = [int(t) for t in targets if not 0 <= int(t) < n_valid]
+        if bad:
+            raise ValueError(f"target positions {bad} are outside the answer (0..{n_valid - 1})")
+        return [(toks[int(t)], (int(t),)) for t in targets]
+    words = group_words(toks)
+    out = []
+    for t in targets:
+        if not isinstance(t, str):
+            raise ValueError(f"targets must be 'all', 'content', a list of positions or a list of words; got {t!r}")
+        hits = [(w, p) for w, p in words if w.lower() == t.strip().lower()]
+        if not hits:
+            raise ValueError(f"word {t!r} is not in the answer; its words are {[w for w, _ in words]}")
+        out.extend(hits)
+    return out

@@ -1,0 +1,113 @@
+"""Pictures of explanations: heat-map overlays, per-token PNGs and a one-page summary figure.
+
+Host-side only (NumPy, PIL, matplotlib with the non-interactive Agg backend).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def _cmap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def resize_map(map_hw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a [h, w] map to ``size_hw`` = (H, W) (half-pixel centres), clipped to [0, 1]."""
+    m = np.asarray(map_hw, np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"map must be [h, w], got shape {m.shape}")
+    img = Image.fromarray(m, mode="F").resize((int(size_hw[1]), int(size_hw[0])), Image.BILINEAR)
+    return np.clip(np.asarray(img, np.float32), 0.0, 1.0)
+
+
+def colorize(map_hw: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """[h, w] map in [0, 1] -> [h, w, 3] uint8 colours."""
+    m = np.asarray(map_hw, np.float32)
+    if not np.all(np.isfinite(m)):
+        raise ValueError("map contains NaN or inf")
+    return (255 * _cmap(cmap)(np.clip(m, 0, 1))[..., :3]).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, map_hw: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a heat map over an image. image: [H, W, 3] uint8; map: [h, w] in [0, 1] (resized to H x W).
+
+    Returns [H, W, 3] uint8.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
+    heat = colorize(resize_map(map_hw, image.shape[:2]), cmap).astype(np.float32)
+    return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).round().astype(np.uint8)
+
+
+def safe_name(token: str, index: int) -> str:
+    """A file-name-safe label for token ``index``: ``03_red``."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", token.strip()).strip("_") or "tok"
+    return f"{index:02d}_{clean[:32]}"
+
+
+def save_overlays(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], out_dir: str | os.PathLike,
+                  scale: int = 4, alpha: float = 0.5) -> list[Path]:
+    """Write one overlay PNG per token into ``out_dir``. image [H, W, 3] uint8, maps [T, h, w]. Returns the paths.
+
+    Small images are upscaled by ``scale`` (nearest) first so the overlays stay readable.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    big = np.asarray(Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale),
+                                                    Image.NEAREST)) if scale > 1 else image
+    paths = []
+    for i, (m, tok) in enumerate(zip(maps, tokens)):
+        p = out / f"overlay_{safe_name(tok, i)}.png"
+        Image.fromarray(overlay(big, m, alpha)).save(p)
+        paths.append(p)
+    return paths
+
+
+def summary_figure(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], answer: str,
+                   path: str | os.PathLike, *, title: str | None = None, max_tokens: int = 12,
+                   raw_maps: np.ndarray | None = None) -> Path:
+    """One PNG: the image, the answer with the explained words marked, and a row of overlays (optionally a second
+    row with the raw maps before refinement)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    maps = np.asarray(maps)[:max_tokens]
+    tokens = list(tokens)[:max_tokens]
+    n = len(tokens)
+    rows = 2 if raw_maps is not None else 1
+    fig, axes = plt.subplots(rows, n + 1, figsize=(2.0 * (n + 1), 2.3 * rows + 0.6), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("input", fontsize=9)
+    for i, (m, t) in enumerate(zip(maps, tokens)):
+        axes[0, i + 1].imshow(overlay(image, m))
+        axes[0, i + 1].set_title(t.strip(), fontsize=10, fontweight="bold")
+    if raw_maps is not None:
+        axes[1, 0].axis("off")
+        axes[1, 0].text(0.5, 0.5, "raw\n(before\nrefinement)", ha="center", va="center", fontsize=9)
+        for i, m in enumerate(np.asarray(raw_maps)[:max_tokens]):
+            axes[1, i + 1].imshow(overlay(image, m))
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    marked = answer
+    for t in sorted({t.strip() for t in tokens if t.strip()}, key=len, reverse=True):
+        marked = re.sub(rf"(?<![\w\[]){re.escape(t)}(?![\w\]])", f"[{t}]", marked)
+    fig.suptitle((title + "\n" if title else "") + f"answer: {marked}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

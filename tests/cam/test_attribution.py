@@ -1,0 +1,232 @@
+"""Gradient CAMs at layer L: parity with an independent torch computation (LlamaForCausalLM with a bidirectional
+mask and retain_grad on the layer-L hidden state), finite differences, batched == looped, jit == eager."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import explain as ex
+from dcam_jax.models import config as C
+from dcam_jax.models import mllm
+from dcam_jax.processing import image as pimg
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CFG = C.tiny_mllm(lm=C.tiny_lm(n_layers=3))
+G = 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = mllm.init_mllm_params(jax.random.key(1), CFG, "float32", scale=0.3)
+    img = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    proc = pimg.ImageProcessor(CFG)(img)
+    ids = np.array([61, 5, 6, -200, 7, 8, 9], np.int32)
+    emb, layout = mllm.multimodal_embeddings(params, CFG, ids, proc.pixel_values, proc.geometry)
+    answer = np.array([10, 11, 12, 13, 62, 62], np.int32)
+    commit = np.array([2, 0, 1, 1, 3, 3], np.int32)
+    return params, emb, layout, answer, commit
+
+
+def _torch_model(params):
+    cfg = CFG.lm
+    tc = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, max_position_embeddings=cfg.max_seq_len)
+    tc._attn_implementation = "eager"
+    m = transformers.LlamaForCausalLM(tc).eval().double()
+    p = params["lm"]
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]),
+          "lm_head.weight": t(p["lm_head"]).T}
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = t(p["layers"][ours][i]).T
+        sd[f"model.layers.{i}.input_layernorm.weight"] = t(p["layers"]["attn_norm"][i])
+        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = t(p["layers"]["mlp_norm"][i])
+    m.load_state_dict(sd, strict=False)
+    return m
+
+
+def _torch_gradcam(params, emb, layout, state, target, token, layer, prefix_lm=False):
+    """Independent reference: hidden_states[layer + 1] is the output of block `layer`; retain_grad on it."""
+    m = _torch_model(params)
+    x = torch.from_numpy(np.concatenate([np.asarray(emb, np.float64),
+                                         np.asarray(params["lm"]["embed"], np.float64)[state]], 0))[None]
+    T = x.shape[1]
+    P = emb.shape[0]
+    allowed = np.ones((1, 1, T, T), bool)
+    if prefix_lm:
+        allowed[:, :, :P, P:] = False
+    mask = torch.from_numpy(np.where(allowed, 0.0, -1e9))
+    captured = {}
+
+    def hook(module, inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h.retain_grad()
+        captured["h"] = h
+        return output
+
+    handle = m.model.layers[layer].register_forward_hook(hook)
+    out = m(inputs_embeds=x, attention_mask=mask)
+    handle.remove()
+    logp = torch.log_softmax(out.logits[0, P + target], -1)[token]
+    logp.backward()
+    A = captured["h"][0].detach().numpy()
+    Gr = captured["h"].grad[0].numpy()
+    pos = layout.positions()
+    A, Gr = A[pos], Gr[pos]  # [H, W, C]
+    w = Gr.mean(axis=(0, 1))
+    return np.maximum((A * w).sum(-1), 0.0), float(logp.detach())
+
+
+def _spec(**kw):
+    base = dict(layer=1, attention="full", score="logprob")
+    base.update(kw)
+    return attr.GradSpec(**base)
+
+
+def _maps(params, emb, layout, spec, state, targets, answer):
+    t = np.asarray(targets, np.int32)
+    z = np.zeros_like(t)
+    return attr.batched_state_maps(params, CFG, spec, 4, emb, jnp.asarray(layout.positions()),
+                                   jnp.asarray(np.asarray(state)[None]), jnp.asarray(answer),
+                                   jnp.ones(len(answer), bool), jnp.asarray(t[None]), jnp.asarray(answer[t][None]),
+                                   jnp.asarray(z[None]), jnp.asarray(z[None]))
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True], ids=["full", "prefix_lm"])
+def test_clean_gradcam_matches_torch(setup, prefix_lm):
+    params, emb, layout, answer, _ = setup
+    spec = _spec(attention="prefix_lm" if prefix_lm else "full")
+    maps, scores = _maps(params, emb, layout, spec, answer, [0, 2], answer)
+    for k, tgt in enumerate([0, 2]):
+        ref, ref_score = _torch_gradcam(params, emb, layout, answer, tgt, answer[tgt], 1, prefix_lm)
+        assert np.abs(np.asarray(maps[0, k]) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+        assert abs(float(scores[0, k]) - ref_score) <= 1e-4
+        assert ref.max() > 0  # a non-trivial map
+
+
+def test_gradient_matches_finite_differences(setup):
+    params, emb, layout, answer, _ = setup
+    spec = _spec()
+    P = emb.shape[0]
+    lm, cfg = params["lm"], CFG.lm
+    h0 = jnp.concatenate([emb[None], mllm.llada.embed_tokens(lm, cfg, jnp.asarray(answer)[None])], 1)
+    Tn = h0.shape[1]
+    pos = jnp.arange(Tn)[None]
+    A, upper = attr._lower_upper(lm, cfg, spec, h0, pos, None)
+
+    def score(a):
+        return attr._score(lm, cfg, spec, upper(a).astype(jnp.float32), P, jnp.asarray(answer),
+                           jnp.ones(G, bool), 1, int(answer[1]), 0, 0)
+
+    score = jax.jit(score)
+    grad = jax.grad(score)(A)
+    rng = np.random.default_rng(0)
+    img = layout.positions().ravel()
+    for _ in range(5):
+        i, c = int(rng.choice(img)), int(rng.integers(cfg.d_model))
+        eps = 1e-2
+        e = jnp.zeros_like(A).at[0, i, c].set(eps)
+        fd = (score(A + e) - score(A - e)) / (2 * eps)
+        assert abs(float(fd) - float(grad[0, i, c])) <= 2e-3 * max(1.0, abs(float(fd)))
+
+
+def test_all_targets_in_one_call_equal_one_at_a_time(setup):
+    params, emb, layout, answer, commit = setup
+    cam = ex.CamConfig(probe="decision", layer=1, refine="none")
+    targets = [0, 1, 2, 3]
+    together, s_all = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, targets, commit_step=commit)
+    for k, t in enumerate(targets):
+        alone, s1 = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, [t], commit_step=commit)
+        np.testing.assert_allclose(np.asarray(together[k]), np.asarray(alone[0]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(s_all[k]), float(s1[0]), rtol=1e-5)
+
+
+def test_decision_state_masks_the_target_and_later_tokens(setup):
+    _, _, _, answer, commit = setup
+    st = attr.decision_states(answer, commit, [0, 1], mask_id=63)
+    # target 0 was committed at step 2: tokens committed at steps 0, 1 are visible, the rest masked
+    np.testing.assert_array_equal(st[0], [63, 11, 12, 13, 63, 63])
+    np.testing.assert_array_equal(st[1], [63] * 6)
+
+
+def test_noise_probe_vmap_equals_loop(setup):
+    params, emb, layout, answer, _ = setup
+    cam = ex.CamConfig(probe="noise", layer=1, num_noise_samples=3, refine="none")
+    key = jax.random.key(3)
+    maps, _ = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, [1, 2], key=key)
+    states = attr.noise_states(answer, [1, 2], attr.default_noise_ratios(3), key, CFG.lm.mask_id)
+    assert np.all(states[0, :, 1] == CFG.lm.mask_id) and np.all(states[1, :, 2] == CFG.lm.mask_id)
+    spec = _spec()
+    for ti, t in enumerate([1, 2]):
+        loop = np.mean([np.asarray(_maps(params, emb, layout, spec, states[ti, k], [t], answer)[0][0, 0])
+                        for k in range(3)], axis=0)
+        np.testing.assert_allclose(np.asarray(maps[ti]), loop, rtol=1e-5, atol=1e-6)
+
+
+def test_jit_equals_eager(setup):
+    params, emb, layout, answer, _ = setup
+    spec = _spec()
+    t = jnp.asarray([[1, 3]])
+    args = (params, CFG, spec, emb, jnp.asarray(layout.positions()), jnp.asarray(answer), jnp.asarray(answer),
+            jnp.ones(G, bool), t[0], jnp.asarray(answer)[t[0]], jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32))
+    with jax.disable_jit():
+        eager, _ = attr.state_maps(*args)
+    jitted, _ = jax.jit(attr.state_maps, static_argnums=(1, 2))(*args)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-6)
+
+
+def test_aggregations_closed_forms():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    Gr = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    w = Gr.mean((0, 1))
+    np.testing.assert_allclose(attr.aggregate(A, Gr, "gradcam"), np.maximum((A * w).sum(-1), 0), rtol=1e-5)
+    np.testing.assert_allclose(attr.aggregate(A, Gr, "channel_relu_mean"), np.maximum(A * w, 0).mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(attr.aggregate(A, Gr, "layercam"), np.maximum((np.maximum(Gr, 0) * A).sum(-1), 0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(attr.aggregate(A, Gr, "hirescam"), np.maximum((Gr * A).sum(-1), 0), rtol=1e-5)
+    wr = np.maximum(Gr, 0).mean((0, 1))
+    np.testing.assert_allclose(attr.aggregate(A, Gr, "gradcam", grad_relu=True), np.maximum((A * wr).sum(-1), 0),
+                               rtol=1e-5)
+    alpha = Gr ** 2 / (2 * Gr ** 2 + (A * Gr ** 3).sum((0, 1), keepdims=True))
+    wpp = (alpha * np.maximum(Gr, 0)).sum((0, 1))
+    np.testing.assert_allclose(attr.aggregate(A, Gr, "gradcam_pp"), np.maximum((A * wpp).sum(-1), 0), rtol=1e-4)
+
+
+def test_bad_inputs(setup):
+    params, emb, layout, answer, commit = setup
+    with pytest.raises(ValueError, match="out of range"):
+        ex.resolve(ex.CamConfig(layer=3), CFG)
+    with pytest.raises(ValueError, match="needs the generation trajectory"):
+        ex.raw_token_maps(params, CFG, ex.CamConfig(layer=1), emb, layout, answer, [0])
+    with pytest.raises(ValueError, match="not structurally valid"):
+        attr.check_probe_valid(layout.positions(), hidden_len=G, prefix_len=0)
+    with pytest.raises(ValueError, match="outside the answer"):
+        ex.resolve_targets([9], ["a"] * 6, 4)
+    with pytest.raises(ValueError, match="not in the answer"):
+        ex.resolve_targets(["zebra"], [" a", " red", " circle"], 3)
+    with pytest.raises(ValueError, match="empty"):
+        ex.resolve_targets("all", [], 0)
+    with pytest.raises(ValueError, match="method="):
+        ex.CamConfig(method="magic")
+
+
+def test_word_grouping():
+    toks = [" a", " red", " cir", "cle", ",", " and", " a", " blue", " square"]
+    words = ex.group_words(toks)
+    assert words[:4] == [("a", (0,)), ("red", (1,)), ("circle", (2, 3)), (",", (4,))]
+    content = ex.resolve_targets("content", toks, len(toks))
+    assert [w for w, _ in content] == ["red", "circle", "blue", "square"]
+    assert ex.resolve_targets(["circle"], toks, len(toks)) == [("circle", (2, 3))]
