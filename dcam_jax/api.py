@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcam_jax import checkpoint as ckpt
+from dcam_jax import sampling as gen
 from dcam_jax.cam import explain as ex
 from dcam_jax.cam import refine as rf
 from dcam_jax.models import mllm
@@ -78,7 +79,7 @@ def load_pretrained(name_or_path: str | os.PathLike = "toy", *, dtype: str | Non
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Masked-diffusion sampling settings (see dcam_jax.generate.sample). ``None`` fields use the model's."""
+    """Masked-diffusion sampling settings (see dcam_jax.sampling.sample). ``None`` fields use the model's."""
 
     gen_length: int = 32
     block_length: int | None = None
@@ -88,6 +89,16 @@ class SamplingConfig:
     schedule: str = "uniform"
     shift: float = 3.0
     prefix_cache: bool | None = None
+    suppress_ids: tuple[int, ...] = ()
+
+
+def default_sampling(config: MLLMConfig) -> SamplingConfig:
+    """SamplingConfig with the model's own defaults (``config.sampling_defaults``) applied."""
+    names = {f.name for f in dataclasses.fields(SamplingConfig)}
+    unknown = [k for k, _ in config.sampling_defaults if k not in names]
+    if unknown:
+        raise ValueError(f"model config has unknown sampling defaults {unknown}; known: {sorted(names)}")
+    return SamplingConfig(**dict(config.sampling_defaults))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +155,7 @@ def generate(model: Model, image, prompt: str | None = None, *, key: jax.Array |
     image: path, PIL image or uint8 array; prompt: None uses the model's default prompt.
     sampling / overrides: sampling settings (e.g. ``gen_length=64, steps=32, schedule="shift"``).
     """
-    from dcam_jax import generate as gen
-
-    s = dataclasses.replace(sampling or SamplingConfig(), **overrides)
+    s = dataclasses.replace(sampling or default_sampling(model.config), **overrides)
     if key is None:
         key = jax.random.key(0)
     pre = prepared or prepare(model, image, prompt)
@@ -156,7 +165,7 @@ def generate(model: Model, image, prompt: str | None = None, *, key: jax.Array |
     res = gen.sample(model.params, model.config, key=key, gen_length=s.gen_length, block_length=block, steps=steps,
                      temperature=s.temperature, remasking=s.remasking, schedule=s.schedule, shift=s.shift,
                      attention=model.config.attention, prefix_cache=prefix_cache,
-                     prompt_embeds=pre.prompt_embeds[None])
+                     prompt_embeds=pre.prompt_embeds[None], suppress_ids=tuple(s.suppress_ids))
     tokens = np.asarray(res.tokens[0])
     if model.tokenizer is not None:
         text, n = ptext.decode_answer(model.tokenizer, tokens, _stop_ids(model))

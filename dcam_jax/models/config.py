@@ -178,6 +178,8 @@ class MLLMConfig:
       has_post_layernorm: whether the converted checkpoint stored the (unused) vision post-layernorm.
       attention: the model's native attention over [prompt | answer]: "full" (LLaDA-V) or "prefix_lm" (LaViDa's
         Prefix-DLM: prompt queries see only the prompt). Sampling and explanations use it unless told otherwise.
+      sampling_defaults: (name, value) pairs overriding dcam_jax.SamplingConfig's defaults for this model, e.g.
+        (("gen_length", 64), ("steps", 32), ("schedule", "shift")) for LaViDa.
     """
 
     lm: LMConfig = dataclasses.field(default_factory=LMConfig)
@@ -192,6 +194,7 @@ class MLLMConfig:
     chat_template: str = "llada"
     has_post_layernorm: bool = False
     attention: str = "full"
+    sampling_defaults: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.image_aspect_ratio not in _ASPECT_MODES:
@@ -208,6 +211,10 @@ class MLLMConfig:
         object.__setattr__(self, "grid_pinpoints", pins)
         if self.pool_size is not None and not 0 < self.pool_size <= self.vision.grid:
             raise ConfigError(f"MLLMConfig: pool_size={self.pool_size} must be in [1, {self.vision.grid}]")
+        items = self.sampling_defaults.items() if isinstance(self.sampling_defaults, Mapping) \
+            else self.sampling_defaults
+        pairs = tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in items)  # hashable
+        object.__setattr__(self, "sampling_defaults", pairs)
         if self.attention not in ("full", "prefix_lm"):
             raise ConfigError(f"MLLMConfig: attention={self.attention!r}, expected 'full' or 'prefix_lm'")
         if self.chat_template not in ("llada", "plain"):
@@ -263,6 +270,7 @@ def _build(cls, data: Mapping[str, Any], where: str):
         kwargs["lm"] = _build(LMConfig, data["lm"], f"{where}.lm")
         kwargs["vision"] = _build(VisionConfig, data["vision"], f"{where}.vision")
         kwargs["grid_pinpoints"] = tuple(tuple(p) for p in data["grid_pinpoints"])
+        kwargs["sampling_defaults"] = tuple((k, v) for k, v in data["sampling_defaults"])
     if cls is VisionConfig:
         kwargs["image_mean"] = tuple(data["image_mean"])
         kwargs["image_std"] = tuple(data["image_std"])
@@ -337,7 +345,9 @@ def lavida(dtype: str = "bfloat16") -> MLLMConfig:
         lm=LMConfig(dtype=dtype), vision=VisionConfig(dtype=dtype), name="lavida",
         image_aspect_ratio="anyres",
         grid_pinpoints=((384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)),
-        pool_size=14, default_prompt="Describe this image in one sentence.", attention="prefix_lm")
+        pool_size=14, default_prompt="Describe this image in one sentence.", attention="prefix_lm",
+        sampling_defaults=(("gen_length", 64), ("block_length", 64), ("steps", 32), ("schedule", "shift"),
+                           ("shift", 3.0)))
 
 
 def llada_v(dtype: str = "bfloat16") -> MLLMConfig:
@@ -346,7 +356,9 @@ def llada_v(dtype: str = "bfloat16") -> MLLMConfig:
     return MLLMConfig(
         lm=LMConfig(dtype=dtype), vision=VisionConfig(dtype=dtype), name="llada_v",
         image_aspect_ratio="anyres_max_4", grid_pinpoints=pins, pool_size=None,
-        default_prompt="Describe this image in one sentence.")
+        default_prompt="Describe this image in one sentence.",
+        sampling_defaults=(("gen_length", 128), ("block_length", 128), ("steps", 128),
+                           ("suppress_ids", (LLADA_EOS_ID, LLADA_BOS_ID, LLADA_START_HEADER_ID, LLADA_END_HEADER_ID))))
 
 
 def tiny_lm(**kw) -> LMConfig:

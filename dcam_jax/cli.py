@@ -1,0 +1,248 @@
+"""The ``dcam`` command: explain what a diffusion multimodal LLM looked at.
+
+  dcam demo     the embedded toy model on a bundled ShapesWorld image: caption, explain, write pictures
+  dcam explain  the same for any image and checkpoint
+  dcam info     what a checkpoint holds (config, parameter count, dtype, layout of a sample image)
+
+Run ``dcam <command> --help`` for the flags of one command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+_HELP = {
+    "demo": "Run the embedded toy dMLLM on a bundled ShapesWorld image: generate a caption, explain every content "
+            "word with Diffusion-CAM, and write per-word overlay PNGs, summary.png and explanation.json into "
+            "--out_dir.",
+    "explain": "Explain the answer of a model for an image: generate the answer (or take --answer), compute one "
+               "heat map per target token or word, and write overlays, summary.png and explanation.json into "
+               "--out_dir.",
+    "info": "Describe a checkpoint: its config, parameter count, dtype, and the image-token layout it would give "
+            "a sample image size.",
+}
+
+
+def _usage() -> str:
+    lines = [__doc__.strip(), "", "Commands:"]
+    lines += [f"  {k:<8} {v}" for k, v in _HELP.items()]
+    return "\n".join(lines)
+
+
+def _define_flags(command: str):
+    from absl import flags
+
+    F = flags.FLAGS
+    if command in ("explain", "demo", "info"):
+        flags.DEFINE_string("checkpoint", "toy", "'toy' (the embedded model) or a directory written by "
+                            "`python -m checkpoints_convert` or dcam_jax.save_checkpoint.")
+        flags.DEFINE_string("dtype", None, "Cast parameters to this dtype when loading (e.g. float32, bfloat16). "
+                            "Default: as stored.")
+    if command in ("explain", "demo"):
+        flags.DEFINE_string("out_dir", "dcam_out", "Where to write the pictures and explanation.json (created; "
+                            "must not be a file).")
+        flags.DEFINE_string("method", "diffusion_cam", "diffusion_cam | gradcam | llava_cam | tam | layercam | "
+                            "gradcam_pp | hirescam.")
+        flags.DEFINE_integer("layer", None, "Hooked LM block (default: the method's, n_layers // 3).")
+        flags.DEFINE_string("probe", None, "decision | noise | clean | final (default: the method's).")
+        flags.DEFINE_string("refine", None, "Refinement preset: full | none | akd | dacg | cba | sicd | "
+                            "reference_compat (default: the method's).")
+        flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and noise probes.")
+        flags.DEFINE_integer("gen_length", None, "Answer length in tokens (default: the model's sampling default).")
+        flags.DEFINE_integer("steps", None, "Denoising steps (default: gen_length).")
+        flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
+    if command == "explain":
+        flags.DEFINE_string("image", None, "Path of the image to explain (PNG, JPEG, ...).")
+        flags.DEFINE_string("prompt", None, "The question. Default: the model's default prompt.")
+        flags.DEFINE_string("answer", None, "Explain this answer instead of generating one (then use --probe=clean "
+                            "or --probe=noise: the 'decision' probe needs the generation trajectory).")
+        flags.DEFINE_list("targets", ["content"], "What to explain: 'content' (content words), 'all' (every "
+                          "answer token), answer positions (0,3,4) or words (red,circle).")
+    if command == "demo":
+        flags.DEFINE_integer("example", 0, "Which bundled ShapesWorld test example to use (0..7).")
+    if command == "info":
+        flags.DEFINE_list("image_size", ["640", "480"], "Width,height of a sample image for the layout summary.")
+    return F
+
+
+def _check_out_dir(path: str) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SystemExit(f"error: --out_dir={path} exists and is a file; choose a directory")
+    return p
+
+
+def _targets(values):
+    if len(values) == 1 and values[0] in ("content", "all"):
+        return values[0]
+    if all(v.strip().lstrip("-").isdigit() for v in values):
+        return [int(v) for v in values]
+    return [v.strip() for v in values]
+
+
+def _cam_config(F):
+    import dcam_jax as dj
+
+    return dj.CamConfig(method=F.method, layer=F.layer, probe=F.probe, refine=F.refine)
+
+
+def _sampling(F, model):
+    import dcam_jax as dj
+
+    from dcam_jax.api import default_sampling
+
+    s = default_sampling(model.config)
+    over = {}
+    if F.gen_length:
+        over["gen_length"] = F.gen_length
+    if F.steps:
+        over["steps"] = F.steps
+    over["temperature"] = F.temperature
+    import dataclasses
+    return dataclasses.replace(s, **over)
+
+
+def _write_outputs(out_dir: Path, image: np.ndarray, e, *, title: str, extra: dict) -> list[Path]:
+    """Write overlays, summary.png and explanation.json atomically into out_dir (temp dir, then moved)."""
+    from dcam_jax import viz
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".dcam_tmp_", dir=out_dir.parent))
+    try:
+        written = viz.save_overlays(image, e.maps, e.tokens, tmp)
+        written.append(viz.summary_figure(image, e.maps, e.tokens, e.text, tmp / "summary.png", title=title,
+                                          raw_maps=e.raw_maps))
+        data = e.to_dict()
+        data.update(extra)
+        (tmp / "explanation.json").write_text(json.dumps(data, indent=2))
+        written.append(tmp / "explanation.json")
+        np.save(tmp / "maps.npy", e.maps)
+        written.append(tmp / "maps.npy")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = []
+        for f in written:
+            dst = out_dir / f.name
+            os.replace(f, dst)
+            final.append(dst)
+        return final
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+
+
+def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=None):
+    import jax
+
+    import dcam_jax as dj
+    from dcam_jax.processing.image import load_image
+
+    out_dir = _check_out_dir(F.out_dir)
+    t0 = time.perf_counter()
+    print(f"loading {F.checkpoint} ...", flush=True)
+    model = dj.load_pretrained(F.checkpoint, dtype=F.dtype)
+    pil = load_image(image_source)
+    image = np.asarray(pil)
+    cam = _cam_config(F)
+    sampling = _sampling(F, model)
+    print(f"explaining with {cam.method} ({model.config.name}, {model.config.num_params / 1e6:.2f}M params) ...",
+          flush=True)
+    e = dj.explain(model, pil, prompt, answer=answer, targets=targets, config=cam, key=jax.random.key(F.seed),
+                   sampling=sampling)
+    files = _write_outputs(out_dir, image, e, title=title, extra=extra or {})
+    print(f"answer: {e.text}")
+    print(f"explained: {', '.join(t.strip() for t in e.tokens)}")
+    print(f"wrote {len(files)} files to {out_dir}/ in {time.perf_counter() - t0:.1f} s:")
+    for f in files:
+        print(f"  {f}")
+    return e, files
+
+
+def cmd_demo(F):
+    from dcam_jax import api
+
+    samples = sorted((api.ASSETS / "samples").glob("*.png"))
+    if not samples:
+        raise SystemExit(f"error: no bundled sample images in {api.ASSETS / 'samples'}; reinstall dcam_jax")
+    if not 0 <= F.example < len(samples):
+        raise SystemExit(f"error: --example must be in 0..{len(samples) - 1}")
+    path = samples[F.example]
+    meta = path.with_suffix(".json")
+    truth = json.loads(meta.read_text()) if meta.exists() else {}
+    title = f"toy dMLLM on ShapesWorld ({path.name}); true caption: {truth.get('caption', '?')}"
+    return _run_explain(F, path, None, "content", title=title, extra={"image": str(path), "truth": truth})
+
+
+def cmd_explain(F):
+    if not F.image:
+        raise SystemExit("error: --image is required (the path of the image to explain)")
+    return _run_explain(F, F.image, F.prompt, _targets(F.targets), answer=F.answer,
+                        title=f"{F.method} on {Path(F.image).name}")
+
+
+def cmd_info(F):
+    import dcam_jax as dj
+    from dcam_jax.models import mllm
+    from dcam_jax.processing import image as pimg
+
+    model = dj.load_pretrained(F.checkpoint, dtype=F.dtype)
+    c = model.config
+    size = tuple(int(v) for v in F.image_size)
+    geom = pimg.image_geometry(size, c)
+    lay = mllm.image_layout(geom, 0)
+    print(f"checkpoint: {model.path}")
+    print(f"model: {c.name}  parameters: {c.num_params:,}  dtype: {c.lm.dtype}  attention: {c.attention}")
+    print(f"LM: {c.lm.n_layers} layers, d_model {c.lm.d_model}, {c.lm.n_heads} heads ({c.lm.n_kv_heads} kv), "
+          f"mlp {c.lm.mlp_hidden}, vocab {c.lm.vocab_size}, mask id {c.lm.mask_id}")
+    print(f"vision: {c.vision.depth} layers, width {c.vision.width}, {c.vision.image_size}px views, "
+          f"patch {c.vision.patch_size} ({c.vision.grid}x{c.vision.grid} tokens), pooled to "
+          f"{c.tokens_per_view_side}x{c.tokens_per_view_side}")
+    print(f"layout: {c.image_aspect_ratio}, {len(c.grid_pinpoints)} pinpoints")
+    print(f"a {size[0]}x{size[1]} image -> {geom.num_views} views, {geom.num_image_tokens} image tokens: {lay}")
+    print(f"tokenizer: {'yes' if model.tokenizer is not None else 'none'}; default prompt: {c.default_prompt!r}")
+
+
+def main(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command = argv[1]
+    if command not in _HELP:
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    from absl import app, flags
+
+    F = _define_flags(command)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[2:]):
+        print(f"usage: dcam {command} [--flag=value ...]\n\n{_HELP[command]}\n\nflags:")
+        print(F.module_help(__name__))
+        return 0
+    try:
+        rest = F(argv[1:], known_only=False)
+    except flags.Error as e:
+        print(f"error: {e}\nRun `dcam {command} --help` for the flags.", file=sys.stderr)
+        return 2
+    if len(rest) > 1:
+        print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
+        return 2
+    from dcam_jax.checkpoint import CheckpointError
+    from dcam_jax.processing.image import ImageError
+
+    try:
+        {"demo": cmd_demo, "explain": cmd_explain, "info": cmd_info}[command](F)
+    except (ImageError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
