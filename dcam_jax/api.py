@@ -19,6 +19,7 @@ import numpy as np
 
 from dcam_jax import checkpoint as ckpt
 from dcam_jax import sampling as gen
+from dcam_jax.cam import baselines
 from dcam_jax.cam import explain as ex
 from dcam_jax.cam import refine as rf
 from dcam_jax.models import mllm
@@ -254,9 +255,9 @@ def explain_prepared(model: Model, pre: Prepared, tokens: np.ndarray, strings: S
     rcfg = ex.refine_config(cam)
     if cam.method == "tam":
         ids = np.asarray([tokens[ps[0]] for _, ps in labels])
-        w = np.asarray(text_scores)  # [len(flat), G]
+        w = np.asarray(text_scores)  # [len(flat), G]: class of target j at answer position i
         weights = np.stack([w[index[ps[0]], [ps2[0] for _, ps2 in labels]] for _, ps in labels])
-        refined = np.asarray(rf.tam_postprocess(jnp.asarray(raw_n), jnp.asarray(ids), jnp.asarray(weights)))
+        refined = np.asarray(baselines.tam_postprocess(jnp.asarray(raw), jnp.asarray(ids), jnp.asarray(weights)))
     else:
         refined = np.asarray(rf.refine(raw_n, rcfg, token_ids=tokens, valid=valid, num_steps=num_steps,
                                        image_long_side=max(pre.image_size)))

@@ -86,7 +86,9 @@ _PRESETS = {
                     aggregation="channel_relu_mean", grad_relu=False, hook="residual", refine="none"),
     "llava_cam": dict(probe="clean", score="sum_logits", contrast="none", aggregation="gradcam", grad_relu=True,
                       hook="post_attn_norm", refine="none", threshold=0.5),
-    "tam": dict(probe="clean", refine="none"),
+    # TAM is gradient-free: score, aggregation and hook do not apply (filled only so the config is complete)
+    "tam": dict(probe="clean", score="logit", contrast="none", aggregation="gradcam", grad_relu=False,
+                hook="residual", refine="none"),
     "layercam": dict(probe="decision", score="logprob", contrast="none", aggregation="layercam", grad_relu=False,
                      hook="residual", refine="none"),
     "gradcam_pp": dict(probe="decision", score="logprob", contrast="none", aggregation="gradcam_pp",

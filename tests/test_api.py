@@ -1,0 +1,100 @@
+"""The public API end to end on a tiny random model: generate, explain (every method), targets, outputs."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import dcam_jax as dj
+from dcam_jax import api
+from dcam_jax.cam import explain as ex
+
+IMG = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def generation(tiny_model):
+    return dj.generate(tiny_model, IMG, "describe the image", key=jax.random.key(0))
+
+
+def test_generate_records_a_consistent_trajectory(tiny_model, generation):
+    g = generation
+    assert g.tokens.shape == (8,) and g.commit_step.shape == (8,) and g.num_steps == 8
+    assert sorted(g.commit_step.tolist()) == list(range(8))  # uniform schedule: one token per step
+    assert len(g.token_strings) == 8 and 0 <= g.num_valid <= 8
+    assert g.layout.stop <= len(g.prompt_ids) - 1 + g.layout.num_tokens
+    again = dj.generate(tiny_model, IMG, "describe the image", key=jax.random.key(0))
+    np.testing.assert_array_equal(again.tokens, g.tokens)
+
+
+def test_explain_all_tokens(tiny_model, generation):
+    cam = dj.CamConfig(refine="none")
+    e = dj.explain(tiny_model, IMG, "describe the image", targets="all", config=cam, generation=generation)
+    H, W = generation.layout.shape()
+    T = generation.num_valid
+    assert e.maps.shape == (T, H, W) and e.raw_maps.shape == (T, H, W)
+    assert np.all((e.maps >= 0) & (e.maps <= 1)) and np.all(np.isfinite(e.maps))
+    assert [p for p in e.positions] == [(i,) for i in range(T)]
+    assert e.image_maps().shape == (T, 48, 64)
+    assert e.image_maps((10, 20)).shape == (T, 10, 20)
+    json.dumps(e.to_dict())  # JSON-ready
+
+
+@pytest.mark.parametrize("method", ["diffusion_cam", "gradcam", "llava_cam", "tam", "layercam", "gradcam_pp",
+                                    "hirescam"])
+def test_every_method_gives_normalised_maps(tiny_model, generation, method):
+    e = dj.explain(tiny_model, IMG, "describe the image", targets=[0, 1], config=dj.CamConfig(method=method),
+                   generation=generation)
+    assert e.maps.shape[0] == 2 and e.maps.dtype == np.float32
+    assert np.all(np.isfinite(e.maps)) and e.maps.min() >= 0 and e.maps.max() <= 1
+    assert e.config.method == method
+
+
+def test_llava_cam_is_one_map_for_the_whole_answer(tiny_model, generation):
+    e = dj.explain(tiny_model, IMG, "describe the image", targets=[0, 1], config=dj.CamConfig(method="llava_cam"),
+                   generation=generation)
+    np.testing.assert_allclose(e.raw_maps[0], e.raw_maps[1])  # its score sums over all answer positions
+    assert set(np.unique(e.maps[e.maps < 0.5])) <= {0.0}  # values below 0.5 of the max are zeroed
+
+
+def test_given_answer_needs_a_probe_without_trajectory(tiny_model):
+    with pytest.raises(ValueError, match="needs the generation trajectory"):
+        dj.explain(tiny_model, IMG, "describe the image", answer="a red circle")
+    e = dj.explain(tiny_model, IMG, "describe the image", answer="a red circle and a blue square",
+                   targets=["circle", "square"], config=dj.CamConfig(probe="clean", refine="none"))
+    assert e.tokens == ["circle", "square"] and e.positions == [(2,), (6,)]
+    e2 = dj.explain(tiny_model, IMG, "describe the image", answer="a red circle", targets="content",
+                    config=dj.CamConfig(probe="noise", num_noise_samples=2, refine="none"))
+    assert e2.tokens == ["red", "circle"]
+
+
+def test_reference_compat_preset_runs(tiny_model, generation):
+    e = dj.explain(tiny_model, IMG, "describe the image", targets=[1, 2], config=dj.reference_compat(),
+                   generation=generation)
+    assert e.config.score == "vocab_sum" and e.config.aggregation == "channel_relu_mean" and e.config.grad_relu
+    assert np.all(np.isfinite(e.maps))
+
+
+def test_bad_inputs(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="non-empty"):
+        dj.explain(tiny_model, IMG, "   ", answer=[0, 1], config=dj.CamConfig(probe="clean"))
+    with pytest.raises(ValueError, match="must not contain"):
+        dj.generate(tiny_model, IMG, "look <image>")
+    bad = tmp_path / "x.png"
+    bad.write_text("not an image")
+    from dcam_jax.processing.image import ImageError
+    with pytest.raises(ImageError, match="cannot read image"):
+        dj.generate(tiny_model, str(bad), "describe the image")
+    with pytest.raises(FileNotFoundError, match="embedded"):
+        api.BUILTIN["missing"] = tmp_path / "nothing"
+        try:
+            dj.load_pretrained("missing")
+        finally:
+            del api.BUILTIN["missing"]
+
+
+def test_default_prompt_is_used(tiny_model):
+    g = dj.generate(tiny_model, IMG, None, key=jax.random.key(0))
+    g2 = dj.generate(tiny_model, IMG, tiny_model.config.default_prompt, key=jax.random.key(0))
+    np.testing.assert_array_equal(g.prompt_ids, g2.prompt_ids)
