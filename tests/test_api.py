@@ -98,3 +98,23 @@ def test_default_prompt_is_used(tiny_model):
     g = dj.generate(tiny_model, IMG, None, key=jax.random.key(0))
     g2 = dj.generate(tiny_model, IMG, tiny_model.config.default_prompt, key=jax.random.key(0))
     np.testing.assert_array_equal(g.prompt_ids, g2.prompt_ids)
+
+
+def test_image_maps_of_a_padded_view_cover_only_the_image():
+    from dcam_jax.models import config as C
+    from dcam_jax.models.mllm import image_layout
+    from dcam_jax.processing.image import image_geometry
+
+    cfg = C.tiny_mllm(image_aspect_ratio="pad")
+    geom = image_geometry((40, 20), cfg)
+    assert geom.pad_box == (10, 0, 20, 40)
+    u = geom.view_side
+    m = np.random.default_rng(0).random((1, u, u)).astype(np.float32)
+    e = ex.Explanation(maps=m, raw_maps=m, tokens=["x"], positions=[(0,)], scores=np.zeros(1), text="x",
+                       answer_ids=np.zeros(1, np.int32), layout=image_layout(geom, 0), view="base",
+                       image_size=(40, 20), config=dj.CamConfig())
+    im = e.image_maps()
+    assert im.shape == (1, 20, 40)
+    # independent: PIL bilinear upsampling of the square map to 40 x 40, then the image's rows 10..29
+    from dcam_jax.viz import resize_map
+    np.testing.assert_allclose(im[0], resize_map(m[0], (40, 40))[10:30], atol=1e-5)

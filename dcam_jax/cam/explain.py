@@ -167,6 +167,13 @@ class Explanation:
         if size is None:
             size = (self.image_size[1], self.image_size[0])
         maps = jnp.asarray(self.maps)
+        box = self.layout.geometry.pad_box if self.view == "base" else None
+        if box is not None:
+            # the base view of the "pad" layout is a square with the image centred: cut the image's part out
+            side = max(self.image_size)
+            full = jax.image.resize(maps, (maps.shape[0], side, side), "bilinear", antialias=False)
+            top, left, h, w = box
+            maps = full[:, top:top + h, left:left + w]
         out = jax.image.resize(maps, (maps.shape[0], int(size[0]), int(size[1])), "bilinear", antialias=False)
         return np.clip(np.asarray(out), 0.0, 1.0)
 
@@ -232,9 +239,24 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
             jnp.asarray(valid))
 
     def run(states, tp, tt, cp, ct):
+        # pad states to a multiple of batch_size and targets per state to a multiple of 8 (repeating the last
+        # entry) so that answers with different numbers of targets reuse one compiled function
+        S, Tg = tp.shape
+        S2 = S if S == 1 else -(-S // cam.batch_size) * cam.batch_size
+        T2 = -(-Tg // 8) * 8
+
+        def pad(x, axis, n):
+            x = np.asarray(x)
+            if x.shape[axis] == n:
+                return jnp.asarray(x)
+            idx = np.minimum(np.arange(n), x.shape[axis] - 1)
+            return jnp.asarray(np.take(x, idx, axis=axis))
+
         a = list(args)
-        a[6] = jnp.asarray(states)
-        return attr.batched_state_maps(*a, jnp.asarray(tp), jnp.asarray(tt), jnp.asarray(cp), jnp.asarray(ct))
+        a[6] = pad(states, 0, S2)
+        tp, tt, cp, ct = (pad(pad(v, 0, S2), 1, T2) for v in (tp, tt, cp, ct))
+        maps, scores = attr.batched_state_maps(*a, tp, tt, cp, ct)
+        return maps[:S, :Tg], scores[:S, :Tg]
 
     if cam.probe in ("clean", "final"):
         if cam.probe == "final":

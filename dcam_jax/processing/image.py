@@ -156,6 +156,8 @@ class ImageGeometry:
       highres_shape: (H, W) of the high-resolution grid after unpadding and the optional LLaDA-V cap
         (0, 0 for single-view layouts).
       capped: whether the LLaDA-V cap resized the high-resolution grid.
+      pad_box: for the "pad" layout, (top, left, height, width) in pixels of the image inside the padded square
+        base view of side max(width, height); None when the base view covers exactly the image.
     """
 
     image_size: tuple[int, int]
@@ -166,6 +168,7 @@ class ImageGeometry:
     unpad: tuple[int, int, int, int]
     highres_shape: tuple[int, int]
     capped: bool
+    pad_box: tuple[int, int, int, int] | None = None
 
     @property
     def base_tokens(self) -> int:
@@ -185,7 +188,9 @@ def image_geometry(image_size: tuple[int, int], config: MLLMConfig) -> ImageGeom
         raise ImageError(f"image size {image_size} must be positive")
     u = config.tokens_per_view_side
     if not config.image_aspect_ratio.startswith("anyres"):
-        return ImageGeometry((w, h), 1, u, (0, 0), None, (0, 0, 0, 0), (0, 0), False)
+        side = max(w, h)
+        box = ((side - h) // 2, (side - w) // 2, h, w) if config.image_aspect_ratio == "pad" and w != h else None
+        return ImageGeometry((w, h), 1, u, (0, 0), None, (0, 0, 0, 0), (0, 0), False, box)
     S = config.vision.image_size
     best = select_best_resolution((w, h), config.grid_pinpoints)
     gw, gh = best[0] // S, best[1] // S
