@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 _HELP = {
     "demo": "Run the embedded toy dMLLM on a bundled ShapesWorld image: generate a caption, explain every content "
@@ -30,52 +31,60 @@ _HELP = {
 }
 
 
+class UsageError(Exception):
+    """A wrong or missing flag: printed as an error, exit status 2."""
+
+
 def _usage() -> str:
     lines = [__doc__.strip(), "", "Commands:"]
     lines += [f"  {k:<8} {v}" for k, v in _HELP.items()]
     return "\n".join(lines)
 
 
+def _d(define, flag_values, *args, **kwargs):
+    define(*args, flag_values=flag_values, **kwargs)
+
+
 def _define_flags(command: str):
     from absl import flags
 
-    F = flags.FLAGS
+    F = flags.FlagValues()  # a fresh set per call, so main() can run many times in one process (tests)
     if command in ("explain", "demo", "info"):
-        flags.DEFINE_string("checkpoint", "toy", "'toy' (the embedded model) or a directory written by "
+        _d(flags.DEFINE_string, F, "checkpoint", "toy", "'toy' (the embedded model) or a directory written by "
                             "`python -m checkpoints_convert` or dcam_jax.save_checkpoint.")
-        flags.DEFINE_string("dtype", None, "Cast parameters to this dtype when loading (e.g. float32, bfloat16). "
+        _d(flags.DEFINE_string, F, "dtype", None, "Cast parameters to this dtype when loading (e.g. float32, bfloat16). "
                             "Default: as stored.")
     if command in ("explain", "demo"):
-        flags.DEFINE_string("out_dir", "dcam_out", "Where to write the pictures and explanation.json (created; "
+        _d(flags.DEFINE_string, F, "out_dir", "dcam_out", "Where to write the pictures and explanation.json (created; "
                             "must not be a file).")
-        flags.DEFINE_string("method", "diffusion_cam", "diffusion_cam | gradcam | llava_cam | tam | layercam | "
+        _d(flags.DEFINE_string, F, "method", "diffusion_cam", "diffusion_cam | gradcam | llava_cam | tam | layercam | "
                             "gradcam_pp | hirescam.")
-        flags.DEFINE_integer("layer", None, "Hooked LM block (default: the method's, n_layers // 3).")
-        flags.DEFINE_string("probe", None, "decision | noise | clean | final (default: the method's).")
-        flags.DEFINE_string("refine", None, "Refinement preset: full | none | akd | dacg | cba | sicd | "
+        _d(flags.DEFINE_integer, F, "layer", None, "Hooked LM block (default: the method's, n_layers // 3).")
+        _d(flags.DEFINE_string, F, "probe", None, "decision | noise | clean | final (default: the method's).")
+        _d(flags.DEFINE_string, F, "refine", None, "Refinement preset: full | none | akd | dacg | cba | sicd | "
                             "reference_compat (default: the method's).")
-        flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and noise probes.")
-        flags.DEFINE_integer("gen_length", None, "Answer length in tokens (default: the model's sampling default).")
-        flags.DEFINE_integer("steps", None, "Denoising steps (default: gen_length).")
-        flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
+        _d(flags.DEFINE_integer, F, "seed", 0, "PRNG seed for sampling and noise probes.")
+        _d(flags.DEFINE_integer, F, "gen_length", None, "Answer length in tokens (default: the model's sampling default).")
+        _d(flags.DEFINE_integer, F, "steps", None, "Denoising steps (default: gen_length).")
+        _d(flags.DEFINE_float, F, "temperature", 0.0, "Sampling temperature (0 = greedy).")
     if command == "explain":
-        flags.DEFINE_string("image", None, "Path of the image to explain (PNG, JPEG, ...).")
-        flags.DEFINE_string("prompt", None, "The question. Default: the model's default prompt.")
-        flags.DEFINE_string("answer", None, "Explain this answer instead of generating one (then use --probe=clean "
+        _d(flags.DEFINE_string, F, "image", None, "Path of the image to explain (PNG, JPEG, ...).")
+        _d(flags.DEFINE_string, F, "prompt", None, "The question. Default: the model's default prompt.")
+        _d(flags.DEFINE_string, F, "answer", None, "Explain this answer instead of generating one (then use --probe=clean "
                             "or --probe=noise: the 'decision' probe needs the generation trajectory).")
-        flags.DEFINE_list("targets", ["content"], "What to explain: 'content' (content words), 'all' (every "
+        _d(flags.DEFINE_list, F, "targets", ["content"], "What to explain: 'content' (content words), 'all' (every "
                           "answer token), answer positions (0,3,4) or words (red,circle).")
     if command == "demo":
-        flags.DEFINE_integer("example", 0, "Which bundled ShapesWorld test example to use (0..7).")
+        _d(flags.DEFINE_integer, F, "example", 0, "Which bundled ShapesWorld test example to use (0..7).")
     if command == "info":
-        flags.DEFINE_list("image_size", ["640", "480"], "Width,height of a sample image for the layout summary.")
+        _d(flags.DEFINE_list, F, "image_size", ["640", "480"], "Width,height of a sample image for the layout summary.")
     return F
 
 
 def _check_out_dir(path: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise SystemExit(f"error: --out_dir={path} exists and is a file; choose a directory")
+        raise UsageError(f"--out_dir={path} exists and is a file; choose a directory")
     return p
 
 
@@ -168,21 +177,51 @@ def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=
 def cmd_demo(F):
     from dcam_jax import api
 
-    samples = sorted((api.ASSETS / "samples").glob("*.png"))
+    samples = sorted(p for p in (api.ASSETS / "samples").glob("shapes_*.png") if not p.stem.endswith("_labels"))
     if not samples:
-        raise SystemExit(f"error: no bundled sample images in {api.ASSETS / 'samples'}; reinstall dcam_jax")
+        raise UsageError(f"no bundled sample images in {api.ASSETS / 'samples'}; reinstall dcam_jax")
     if not 0 <= F.example < len(samples):
-        raise SystemExit(f"error: --example must be in 0..{len(samples) - 1}")
+        raise UsageError(f"--example must be in 0..{len(samples) - 1}")
     path = samples[F.example]
     meta = path.with_suffix(".json")
     truth = json.loads(meta.read_text()) if meta.exists() else {}
     title = f"toy dMLLM on ShapesWorld ({path.name}); true caption: {truth.get('caption', '?')}"
-    return _run_explain(F, path, None, "content", title=title, extra={"image": str(path), "truth": truth})
+    e, files = _run_explain(F, path, None, "content", title=title, extra={"image": str(path), "truth": truth})
+    labels = path.with_name(path.stem + "_labels.png")
+    if labels.exists() and truth:
+        _report_truth(e, np.asarray(Image.open(labels)), truth, Path(F.out_dir))
+    return e, files
+
+
+def _report_truth(e, label_map: np.ndarray, truth: dict, out_dir: Path):
+    """For the demo: matched Obj-IoU of each explained word against the object it names in the true caption."""
+    from dcam_jax import metrics
+
+    obj_of_word = {}
+    for w, o in zip(truth.get("words", []), truth.get("word_object", [])):
+        if o is not None:
+            obj_of_word.setdefault(w, o)
+    maps = e.image_maps(label_map.shape)
+    rows = {}
+    for tok, m in zip(e.tokens, maps):
+        o = obj_of_word.get(tok.strip())
+        if o is None:
+            continue
+        r = metrics.obj_iou(m, label_map, mode="matched", label=o + 1)
+        rows[tok.strip()] = round(float(r.iou), 4)
+    if rows:
+        print("matched Obj-IoU against the true object masks: " +
+              ", ".join(f"{w} {v:.2f}" for w, v in rows.items()))
+        data = json.loads((out_dir / "explanation.json").read_text())
+        data["truth_obj_iou"] = rows
+        tmp = out_dir / "explanation.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, out_dir / "explanation.json")
 
 
 def cmd_explain(F):
     if not F.image:
-        raise SystemExit("error: --image is required (the path of the image to explain)")
+        raise UsageError("--image is required (the path of the image to explain)")
     return _run_explain(F, F.image, F.prompt, _targets(F.targets), answer=F.answer,
                         title=f"{F.method} on {Path(F.image).name}")
 
@@ -238,6 +277,9 @@ def main(argv=None):
 
     try:
         {"demo": cmd_demo, "explain": cmd_explain, "info": cmd_info}[command](F)
+    except UsageError as e:
+        print(f"error: {e}\nRun `dcam {command} --help` for the flags.", file=sys.stderr)
+        return 2
     except (ImageError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

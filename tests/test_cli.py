@@ -1,0 +1,97 @@
+"""The `dcam` command end to end: help, explain and info on a tiny saved checkpoint, demo on the embedded model,
+and bad inputs (nothing half-written)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dcam_jax as dj
+from dcam_jax import api, cli
+
+TOY = api.BUILTIN["toy"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    tok = tmp_path_factory.mktemp("tok_save")
+    tiny_model.tokenizer.save_pretrained(tok)
+    dj.save_checkpoint(d, tiny_model.config, tiny_model.params, tokenizer_dir=tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("img") / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def test_help(capsys):
+    assert cli.main(["dcam", "--help"]) == 0
+    assert "dcam explain" in capsys.readouterr().out
+    for cmd in ("demo", "explain", "info"):
+        assert cli.main(["dcam", cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert f"usage: dcam {cmd}" in out and "--checkpoint" in out
+    assert cli.main(["dcam", "frobnicate"]) == 2
+
+
+def test_explain_end_to_end(tiny_ckpt, image_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["dcam", "explain", f"--checkpoint={tiny_ckpt}", f"--image={image_path}",
+                   "--prompt=describe the image", "--targets=all", "--refine=none", f"--out_dir={out}"])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "explanation.json").read_text())
+    maps = np.load(out / "maps.npy")
+    assert maps.shape[0] == len(data["tokens"]) and list(maps.shape[1:]) == data["map_shape"]
+    # the files agree with the API called directly with the same settings
+    m = dj.load_pretrained(tiny_ckpt)
+    e = dj.explain(m, str(image_path), "describe the image", targets="all", config=dj.CamConfig(refine="none"),
+                   key=__import__("jax").random.key(0), sampling=api.default_sampling(m.config))
+    np.testing.assert_allclose(maps, e.maps, atol=1e-6)
+    assert data["answer"] == e.text and [t["token"] for t in data["tokens"]] == e.tokens
+    pngs = sorted(out.glob("overlay_*.png"))
+    assert len(pngs) == len(e.tokens)
+    for p in pngs + [out / "summary.png"]:
+        with Image.open(p) as im:
+            im.load()
+            assert im.size[0] > 0
+    assert not list(tmp_path.glob(".dcam_tmp_*"))  # the staging directory is gone
+
+
+def test_info(tiny_ckpt, capsys):
+    assert cli.main(["dcam", "info", f"--checkpoint={tiny_ckpt}", "--image_size=64,48"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "image tokens" in out
+
+
+def test_bad_inputs_leave_nothing_behind(tiny_ckpt, image_path, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["dcam", "explain", f"--checkpoint={tiny_ckpt}", f"--image={image_path}",
+                     f"--out_dir={afile}"]) != 0
+    assert "is a file" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "o1"
+    assert cli.main(["dcam", "explain", f"--checkpoint={tiny_ckpt}", f"--image={broken}", f"--out_dir={out}"]) == 1
+    assert "cannot read image" in capsys.readouterr().err and not out.exists()
+    notours = tmp_path / "notours"
+    notours.mkdir()
+    assert cli.main(["dcam", "info", f"--checkpoint={notours}"]) == 1
+    assert "not a dcam_jax checkpoint" in capsys.readouterr().err
+    assert cli.main(["dcam", "explain", f"--checkpoint={tiny_ckpt}", f"--out_dir={tmp_path / 'o2'}"]) != 0
+    assert "--image is required" in capsys.readouterr().err + capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (TOY / "dcam_checkpoint.json").exists(), reason="embedded toy checkpoint not built yet")
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["dcam", "demo", f"--out_dir={out}"]) == 0, capsys.readouterr().err
+    data = json.loads((out / "explanation.json").read_text())
+    assert data["answer"] and data["tokens"]
+    assert (out / "summary.png").exists() and len(list(out.glob("overlay_*.png"))) == len(data["tokens"])
+    assert "truth_obj_iou" in data
