@@ -253,6 +253,9 @@ def explain_prepared(model: Model, pre: Prepared, tokens: np.ndarray, strings: S
     word_scores = np.asarray([scores[[index[p] for p in ps]].mean() for _, ps in labels])
     raw_n = np.asarray(ex.attr.normalize_maps(jnp.asarray(raw)))
     rcfg = ex.refine_config(cam)
+    if num_steps is None:  # a given answer: AKD's adaptive kernel uses the model's default number of steps
+        d = default_sampling(model.config)
+        num_steps = d.steps or d.gen_length
     if cam.method == "tam":
         ids = np.asarray([tokens[ps[0]] for _, ps in labels])
         w = np.asarray(text_scores)  # [len(flat), G]: class of target j at answer position i
