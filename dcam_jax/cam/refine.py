@@ -61,6 +61,7 @@ Design decisions (SPEC 4.4 is authoritative; these fill in what it leaves open)
 from __future__ import annotations
 
 import dataclasses
+import json
 import functools
 from collections.abc import Sequence
 from typing import Literal
@@ -228,7 +229,8 @@ PRESET_NAMES = ("full", "none", "akd", "dacg", "cba", "sicd", "reference_compat"
 
 
 def refine_preset(name: str) -> RefineConfig:
-    """Named configurations.
+    """Named configurations, optionally with field overrides: ``"full:akd_kernel_size=3"``,
+    ``"akd:akd_kernel_size=5:dacg=true"`` (``NAME[:FIELD=VALUE]...``, values parsed as JSON).
 
     - ``full``: every module with the SPEC defaults (adaptive AKD kernel, spatial DACG blur).
     - ``none``: no module; only clip-and-normalise (the raw map min-max normalised).
@@ -241,6 +243,20 @@ def refine_preset(name: str) -> RefineConfig:
     - ``reference_baseline``: the authors' ``baseline`` ablation: no module, values below 0.4
       zeroed (on the min-max normalised raw map).
     """
+    if ":" in name:
+        name, *assignments = name.split(":")
+        fields = {f.name for f in dataclasses.fields(RefineConfig)}
+        changes = {}
+        for a in assignments:
+            key, eq, raw = a.partition("=")
+            if not eq or key not in fields:
+                raise ValueError(f"refine_preset: override {a!r} must be FIELD=VALUE with a RefineConfig field; "
+                                 f"fields are {sorted(fields)}.")
+            try:
+                changes[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                changes[key] = raw
+        return dataclasses.replace(refine_preset(name), **changes)
     base = RefineConfig()
     off = dict(akd=False, dacg=False, cba=False, sicd=False)
     if name == "full":

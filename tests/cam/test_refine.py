@@ -671,3 +671,12 @@ def test_refine_groups_maps_by_kernel_size():
     assert sorted(set(ks)) == [3, 5] and 16 < len(raw) and min(ks.count(3), ks.count(5)) < 16
     got = R.refine(raw, cfg, num_steps=16, image_long_side=640)
     assert_close(got, np_refine(raw, cfg, steps=16, long_side=640))
+
+
+def test_preset_overrides():
+    c = R.refine_preset("full:akd_kernel_size=3")
+    assert c.akd_kernel_size == 3 and c.dacg and c.sicd
+    c = R.refine_preset("akd:akd_kernel_size=5:dacg=true")
+    assert (c.akd, c.dacg, c.cba, c.akd_kernel_size) == (True, True, False, 5)
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        R.refine_preset("full:nope=1")
