@@ -97,16 +97,10 @@ class ConversionReport:
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """["vision.num_heads=4", ...] -> {"vision.num_heads": 4}; values parsed as JSON when they parse."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ConversionError(f"--override {item!r} must look like KEY=VALUE, e.g. vision.num_heads=4")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
+    try:
+        return config_lib.parse_assignments(items)
+    except ConfigError as e:
+        raise ConversionError(f"--{e}") from None
 
 
 def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -572,16 +566,10 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str 
 
 
 def _assign(data: dict, assignments: dict[str, Any], kind: str) -> None:
-    for key, value in assignments.items():
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise ConversionError(f"--override {key}: {p!r} is not a section of the {kind} config")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ConversionError(f"--override {key}: unknown field {parts[-1]!r}; known fields: {sorted(node)}")
-        node[parts[-1]] = value
+    try:
+        config_lib.assign_dotted(data, assignments)
+    except ConfigError as e:
+        raise ConversionError(f"--{e} (in the {kind} config)") from None
 
 
 def _log_drops(dropped: dict[str, str]) -> None:

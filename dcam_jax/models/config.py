@@ -291,25 +291,23 @@ def from_json(text: str):
     return _build(cls, obj["config"], f"config({obj['kind']})")
 
 
-def override(config, assignments: Mapping[str, str] | list[str]):
-    """Return a copy of ``config`` with dotted ``KEY=VALUE`` overrides (e.g. ``vision.num_heads=4``).
-
-    Values are parsed as JSON when possible (numbers, booleans, lists), otherwise taken as strings.
-    """
-    if not isinstance(assignments, Mapping):
-        pairs = {}
-        for a in assignments:
-            if "=" not in a:
-                raise ConfigError(f"override {a!r} must look like KEY=VALUE, e.g. vision.num_heads=4")
-            k, v = a.split("=", 1)
-            pairs[k.strip()] = v
-        assignments = pairs
-    data = to_dict(config)
-    for key, raw in assignments.items():
+def parse_assignments(items) -> dict[str, Any]:
+    """["vision.num_heads=4", ...] -> {"vision.num_heads": 4}; values parsed as JSON when they parse."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. vision.num_heads=4")
+        key, raw = item.split("=", 1)
         try:
-            value = json.loads(raw) if isinstance(raw, str) else raw
+            out[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
-            value = raw
+            out[key.strip()] = raw
+    return out
+
+
+def assign_dotted(data: dict[str, Any], assignments: Mapping[str, Any]) -> None:
+    """Set dotted keys (``vision.num_heads``) of a nested config dict in place; unknown keys raise ConfigError."""
+    for key, value in assignments.items():
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
@@ -319,6 +317,17 @@ def override(config, assignments: Mapping[str, str] | list[str]):
         if parts[-1] not in node:
             raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}; known: {sorted(node)}")
         node[parts[-1]] = value
+
+
+def override(config, assignments: Mapping[str, Any] | list[str]):
+    """Return a copy of ``config`` with dotted ``KEY=VALUE`` overrides (e.g. ``vision.num_heads=4``).
+
+    ``assignments``: a list of "KEY=VALUE" strings (values parsed as JSON when possible) or a mapping.
+    """
+    if not isinstance(assignments, Mapping):
+        assignments = parse_assignments(assignments)
+    data = to_dict(config)
+    assign_dotted(data, assignments)
     kind = {LMConfig: "lm", VisionConfig: "vision", MLLMConfig: "mllm"}[type(config)]
     return from_json(json.dumps({"kind": kind, "config": data}))
 

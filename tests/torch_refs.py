@@ -1,0 +1,35 @@
+"""Independent torch references shared by the parity tests (transformers' classes, float64)."""
+
+import numpy as np
+import torch
+import transformers
+
+LLAMA_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def llama_from_lm_params(cfg, p):
+    """transformers LlamaForCausalLM (eager attention, float64) holding our LM params ``p`` (config ``cfg``)."""
+    tc = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, max_position_embeddings=cfg.max_seq_len)
+    tc._attn_implementation = "eager"
+    m = transformers.LlamaForCausalLM(tc).eval().double()
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]),
+          "lm_head.weight": t(p["lm_head"]).T}
+    for i in range(cfg.n_layers):
+        for ours, theirs in LLAMA_NAMES.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = t(p["layers"][ours][i]).T
+        sd[f"model.layers.{i}.input_layernorm.weight"] = t(p["layers"]["attn_norm"][i])
+        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = t(p["layers"]["mlp_norm"][i])
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return m
+
+
+def additive_mask(allowed: np.ndarray) -> torch.Tensor:
+    """Bool [B, 1, T, T] (True = attend) -> float additive mask (0 / -1e9); eager attention adds masks."""
+    return torch.from_numpy(np.where(allowed, 0.0, -1e9)).double()
