@@ -239,11 +239,12 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
             jnp.asarray(valid))
 
     def run(states, tp, tt, cp, ct):
-        # pad states to a multiple of batch_size and targets per state to a multiple of 8 (repeating the last
-        # entry) so that answers with different numbers of targets reuse one compiled function
+        # pad states to a multiple of batch_size (one target per state) or the targets of a single shared state
+        # to a multiple of 8 (repeating the last entry), so answers with different numbers of targets reuse one
+        # compiled function; padded entries cost a forward (states) or a reverse pass (targets) each
         S, Tg = tp.shape
         S2 = S if S == 1 else -(-S // cam.batch_size) * cam.batch_size
-        T2 = -(-Tg // 8) * 8
+        T2 = Tg if Tg == 1 else -(-Tg // 8) * 8
 
         def pad(x, axis, n):
             x = np.asarray(x)
