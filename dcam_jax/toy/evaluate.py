@@ -1,0 +1,259 @@
+r"""Caption accuracy of a toy checkpoint on ShapesWorld.
+
+    python -m dcam_jax.toy.evaluate --checkpoint=toy --num_examples=500
+
+Generates a caption for each of the first N examples of a split (default: the *test* split of the ``default``
+preset) with the masked-diffusion sampler at the default settings (T = 0, low-confidence remasking, one block,
+steps = gen_length) and compares the objects it names with the true ones:
+
+* **objects all right** (the issue's target, >= 90%): the generated caption names exactly the true objects, each
+  with its own colour and shape (colour-shape pairs bound correctly), in any order;
+* **in order**: the same, and in the caption's left-to-right order;
+* **colour / shape accuracy per object** (target >= 97% each): each true object is matched to a generated object
+  phrase (an assignment maximising the number of agreeing colour and shape words); the object's colour (shape)
+  is right when its matched phrase has the same colour (shape). Unmatched true objects count as wrong.
+* **exact caption**: the generated caption equals the true one word for word (relations included).
+
+The decoder is :func:`dcam_jax.sampling.sample`; ``--decoder=interim`` uses a small built-in greedy LLaDA decoder
+with the same semantics instead (:func:`greedy_decode`, written before the sampler existed and kept as an
+independent check: both give the same captions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcam_jax.data import shapes
+from dcam_jax.models.config import MLLMConfig
+from dcam_jax.processing import image as pimg
+from dcam_jax.processing import text as ptext
+from dcam_jax.toy import model as tm
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def num_transfer_tokens(gen_length: int, steps: int) -> np.ndarray:
+    """Tokens committed per step in one block, LLaDA's uniform schedule: [steps] ints summing to gen_length
+    (the remainder goes to the first steps)."""
+    if steps <= 0 or steps > gen_length:
+        raise ValueError(f"steps={steps} must be in [1, gen_length={gen_length}]")
+    base, rem = divmod(gen_length, steps)
+    return np.array([base + (1 if k < rem else 0) for k in range(steps)], np.int32)
+
+
+def greedy_decode(params: Params, config: MLLMConfig, prefix: jax.Array, gen_length: int, steps: int) -> jax.Array:
+    """Interim decoder (an independent check of ``dcam_jax.sampling.sample``; ``--decoder=interim``).
+
+    LLaDA low-confidence remasking at temperature 0, one block: start from G masks; at each step predict every
+    position (never [MASK] itself), and commit the ``num_transfer_tokens`` still-masked positions whose argmax
+    probability is highest (ties: the lower position first).
+    prefix: [B, P, D] prompt embeddings (image spliced in) -> tokens [B, G] int32.
+    """
+    return _greedy_jit(params, config, prefix, gen_length, steps)
+
+
+def _greedy(params, config, prefix, gen_length, steps):
+    B = prefix.shape[0]
+    mask_id = config.lm.mask_id
+    quota = jnp.asarray(num_transfer_tokens(gen_length, steps))
+
+    def body(k, x):
+        logits = tm.answer_logits(params, config, prefix, x, attention=config.attention)
+        logits = logits.at[..., mask_id].set(-jnp.inf)  # never predict [MASK] itself
+        probs = jax.nn.softmax(logits, -1)
+        pred = jnp.argmax(logits, -1).astype(jnp.int32)
+        conf = jnp.take_along_axis(probs, pred[..., None], -1)[..., 0]
+        is_mask = x == mask_id
+        conf = jnp.where(is_mask, conf, -jnp.inf)
+        # rank of each position by confidence (0 = most confident); commit the top quota[k]
+        order = jnp.argsort(-conf, axis=-1)
+        rank = jnp.argsort(order, axis=-1)
+        commit = is_mask & (rank < quota[k])
+        return jnp.where(commit, pred, x)
+
+    x0 = jnp.full((B, gen_length), mask_id, jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, x0)
+
+
+_greedy_jit = jax.jit(_greedy, static_argnums=(1, 3, 4))
+_image_blocks_jit = jax.jit(tm.image_blocks, static_argnums=(1, 3))
+
+
+def _sampler_available() -> bool:
+    return importlib.util.find_spec("dcam_jax.sampling") is not None
+
+
+def decode(params: Params, config: MLLMConfig, prefix: jax.Array, gen_length: int, steps: int | None = None,
+           decoder: str = "auto") -> np.ndarray:
+    """Answer tokens [B, G] for prompt embeddings ``prefix`` [B, P, D] at the default sampling settings.
+
+    decoder: "sampler" (dcam_jax.sampling.sample), "interim" (:func:`greedy_decode`) or "auto" (the sampler when
+    the module exists).
+    """
+    steps = steps or gen_length
+    if decoder not in ("auto", "sampler", "interim"):
+        raise ValueError(f"decoder={decoder!r}, expected 'auto', 'sampler' or 'interim'")
+    if decoder == "sampler" or (decoder == "auto" and _sampler_available()):
+        from dcam_jax import sampling
+
+        res = sampling.sample(params, config, key=jax.random.key(0), gen_length=gen_length, block_length=gen_length,
+                              steps=steps, temperature=0.0, remasking="low_confidence", schedule="uniform",
+                              attention=config.attention, prefix_cache=False, prompt_embeds=prefix)
+        return np.asarray(res.tokens)
+    return np.asarray(greedy_decode(params, config, prefix, gen_length, steps))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionScore:
+    """How one generated caption names the true objects (see the module docstring)."""
+
+    objects_right: bool
+    in_order: bool
+    exact: bool
+    colour_right: tuple[bool, ...]
+    shape_right: tuple[bool, ...]
+    num_generated: int
+
+
+def _match(truth: Sequence[tuple[str, str]], gen: Sequence[tuple[str | None, str | None]]):
+    """Assignment of true objects to generated phrases maximising agreeing words; [N] index or -1 per object."""
+    n, m = len(truth), len(gen)
+    best, best_score = [-1] * n, -1
+    slots = list(range(m)) + [-1] * n
+    for perm in set(itertools.permutations(slots, n)):
+        score = sum((truth[i][0] == gen[j][0]) + (truth[i][1] == gen[j][1]) for i, j in enumerate(perm) if j >= 0)
+        if score > best_score:
+            best, best_score = list(perm), score
+    return best
+
+
+def score_caption(generated: str, colours: Sequence[str], shapes_: Sequence[str], caption: str) -> CaptionScore:
+    """Score ``generated`` against the true objects (``colours``, ``shapes_`` in caption order) and ``caption``."""
+    truth = list(zip(colours, shapes_))
+    gen = [(c, s) for _, c, s in shapes.parse_caption(generated)]
+    assign = _match(truth, gen) if len(gen) <= 8 else [-1] * len(truth)
+    colour_right = tuple(j >= 0 and gen[j][0] == truth[i][0] for i, j in enumerate(assign))
+    shape_right = tuple(j >= 0 and gen[j][1] == truth[i][1] for i, j in enumerate(assign))
+    objects_right = sorted(gen, key=str) == sorted(truth, key=str)
+    return CaptionScore(objects_right, gen == truth, generated.split() == caption.split(), colour_right,
+                        shape_right, len(gen))
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """Per-example results and their summary."""
+
+    split: str
+    preset: str
+    captions: list[str]
+    generated: list[str]
+    scores: list[CaptionScore]
+
+    def summary(self) -> dict[str, float]:
+        """{"examples", "objects_all_right", "in_order", "exact_caption", "colour_acc", "shape_acc",
+        "objects"} as fractions (per example, or per true object for the accuracies)."""
+        s = self.scores
+        colour = [c for x in s for c in x.colour_right]
+        shape = [c for x in s for c in x.shape_right]
+        return {"split": self.split, "preset": self.preset, "examples": len(s),
+                "objects_all_right": float(np.mean([x.objects_right for x in s])),
+                "in_order": float(np.mean([x.in_order for x in s])),
+                "exact_caption": float(np.mean([x.exact for x in s])),
+                "colour_acc": float(np.mean(colour)), "shape_acc": float(np.mean(shape)), "objects": len(colour)}
+
+
+def evaluate(params: Params, config: MLLMConfig, tokenizer, *, num_examples: int = 500, split: str = "test",
+             preset: str = "default", start: int = 0, batch_size: int = 50, gen_length: int = tm.TOY_GEN_LENGTH,
+             steps: int | None = None, decoder: str = "auto", progress: bool = True) -> EvalReport:
+    """Generate captions for examples ``start .. start + num_examples - 1`` of ``split`` and score them."""
+    from tqdm.auto import tqdm
+
+    if num_examples <= 0:
+        raise ValueError(f"num_examples={num_examples} must be positive")
+    cfg = shapes.preset(preset)
+    processor = pimg.ImageProcessor(config)
+    geometry = tm.toy_geometry(config, cfg.image_size)
+    ids = tm.prompt_ids(config, tokenizer)
+    stop = (config.lm.eot_id, config.lm.eos_id)
+    report = EvalReport(split, preset, [], [], [])
+    for lo in tqdm(range(start, start + num_examples, batch_size), desc=f"captioning {split}", disable=not progress,
+                   dynamic_ncols=True):
+        hi = min(lo + batch_size, start + num_examples)
+        examples = [shapes.make_example(shapes.split_seed(split, i), cfg) for i in range(lo, hi)]
+        pix = np.stack([processor(e.image).pixel_values for e in examples])
+        blocks = _image_blocks_jit(params, config, jnp.asarray(pix), geometry)
+        prefix = tm.prefix_embeddings(params, config, ids, blocks)
+        tokens = decode(params, config, prefix, gen_length, steps, decoder)
+        for e, t in zip(examples, tokens):
+            text, _ = ptext.decode_answer(tokenizer, t, stop)
+            report.captions.append(e.caption)
+            report.generated.append(text)
+            report.scores.append(score_caption(text, e.colours, e.shapes, e.caption))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _flags():
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint", "toy", "'toy' (the embedded model) or a checkpoint directory.")
+    flags.DEFINE_integer("num_examples", 500, "Number of examples to caption.")
+    flags.DEFINE_enum("split", "test", list(shapes.SPLITS), "ShapesWorld split.")
+    flags.DEFINE_enum("preset", "default", list(shapes.PRESETS), "ShapesWorld preset.")
+    flags.DEFINE_integer("start", 0, "Index of the first example.")
+    flags.DEFINE_integer("batch_size", 50, "Examples decoded together.")
+    flags.DEFINE_integer("gen_length", tm.TOY_GEN_LENGTH, "Answer length.")
+    flags.DEFINE_integer("steps", None, "Denoising steps (default: gen_length).")
+    flags.DEFINE_enum("decoder", "auto", ["auto", "sampler", "interim"],
+                      "dcam_jax.sampling.sample ('sampler'), the built-in greedy decoder ('interim'), or 'auto'.")
+    flags.DEFINE_string("json_out", None, "Write the summary and every generated caption to this JSON file.")
+    flags.DEFINE_integer("show", 5, "Print this many (true, generated) caption pairs.")
+    return flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from dcam_jax import api
+
+    F = _FLAGS
+    model = api.load_pretrained(F.checkpoint)
+    rep = evaluate(model.params, model.config, model.tokenizer, num_examples=F.num_examples, split=F.split,
+                   preset=F.preset, start=F.start, batch_size=F.batch_size, gen_length=F.gen_length, steps=F.steps,
+                   decoder=F.decoder)
+    summary = rep.summary()
+    summary["decoder"] = "sampler" if F.decoder == "sampler" or (F.decoder == "auto" and _sampler_available()) \
+        else "interim"
+    for t, g in list(zip(rep.captions, rep.generated))[:F.show]:
+        print(f"  true: {t}\n  gen : {g}")
+    print(json.dumps(summary, indent=2))
+    if F.json_out:
+        with open(F.json_out, "w") as f:
+            json.dump({"summary": summary, "captions": rep.captions, "generated": rep.generated}, f, indent=1)
+
+
+_FLAGS = None
+
+if __name__ == "__main__":
+    from absl import app
+
+    _FLAGS = _flags()
+    app.run(main)

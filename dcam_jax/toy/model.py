@@ -1,0 +1,506 @@
+"""The toy dMLLM: its config preset and a batched forward for training on ShapesWorld.
+
+``toy_config()`` is the real architecture at toy scale: a SigLIP-style tower on 32 px views with 8 px patches
+(4 x 4 tokens per view), the ``mlp2x_gelu`` projector, LaViDa's any-resolution layout (a base view of the whole
+image plus a 2 x 2 grid of native-resolution crops for a 64 px image: 4*4 + 8*(8+1) = 88 image tokens) and a
+LLaDA LM with bidirectional attention.
+
+Training uses its own batched forward (:func:`answer_logits`) rather than the one-example inference path: every
+ShapesWorld image is 64 x 64, so all examples share one :class:`~dcam_jax.processing.image.ImageGeometry` and one
+prompt, and the whole batch runs as [B*n] views through the tower and [B, T] through the LM. It is built from the
+same model functions (``siglip.vision_features``, ``projector.project``, ``mllm.assemble_image_tokens``,
+``llada.run_blocks``), so a model trained with it runs unchanged in ``dcam_jax.generate`` and the CAM code
+(``tests/toy/test_toy.py`` checks the logits agree with ``mllm.mllm_logits``).
+
+Tower pretraining (:func:`object_losses`) reads object-level targets off the same image-token block: each object's
+mask is area-averaged onto a view's token grid, the projected tokens are pooled with those weights, and small
+linear heads classify the pooled vector's shape and colour and regress the object's centre. This puts the shape
+of every object at that object's tokens, where the LM's attention later reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcam_jax.data import shapes
+from dcam_jax.models import llada, mllm, projector, siglip
+from dcam_jax.models.config import IMAGE_TOKEN_INDEX, LMConfig, MLLMConfig, VisionConfig
+from dcam_jax.processing import image as pimg
+from dcam_jax.processing import text as ptext
+from dcam_jax.toy import tokenizer as toy_tok
+
+Params = dict[str, Any]
+
+TOY_PROMPT = "describe the image"
+TOY_IMAGE_SIZE = 64
+TOY_GEN_LENGTH = 32
+MAX_OBJECTS = 4  # objects per ShapesWorld image the order head distinguishes
+
+# Word classes of answer tokens, for per-class learning curves. Index = class id.
+TOKEN_CLASSES: tuple[str, ...] = ("colour", "shape", "size", "relation", "function", "eot", "pad")
+# Relation classes of the tower's object-level relation head.
+RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of", "none")
+
+
+def toy_config(**overrides) -> MLLMConfig:
+    """The embedded toy dMLLM (about 1.6 M parameters).
+
+    Vision: 32 px views, 8 px patches (4 x 4 tokens per view), width 128, 4 layers, 4 heads. LM: width 128,
+    4 layers, 4 heads of 32, SwiGLU 384, the toy tokenizer's 49 tokens, bidirectional ("full") attention.
+    Layout: "anyres" with pinpoints ((32,64),(64,32),(64,64),(96,32),(32,96)) and no pooling: a 64 px image is a
+    base view (4 x 4 tokens) plus a 2 x 2 grid of native-resolution crops (8 x 8 tokens + 8 newlines), 88 image
+    tokens; with the 13 prompt tokens and a 32-token answer the LM runs on 133 tokens. ``overrides`` replace
+    top-level MLLMConfig fields (use dataclasses.replace on ``lm`` / ``vision`` for nested ones).
+    """
+    special = toy_tok.special_token_ids()
+    lm = LMConfig(vocab_size=len(toy_tok.vocabulary()), d_model=128, n_layers=4, n_heads=4, n_kv_heads=4,
+                  head_dim=32, mlp_hidden=384, rope_theta=10000.0, max_seq_len=512, dtype="float32", **special)
+    vision = VisionConfig(image_size=32, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=384)
+    base = dict(lm=lm, vision=vision, name="toy", image_aspect_ratio="anyres",
+                grid_pinpoints=((32, 64), (64, 32), (64, 64), (96, 32), (32, 96)), pool_size=None,
+                default_prompt=TOY_PROMPT, system_prompt=None, chat_template="llada", attention="full",
+                sampling_defaults=(("gen_length", TOY_GEN_LENGTH), ("block_length", TOY_GEN_LENGTH),
+                                   ("steps", TOY_GEN_LENGTH)))
+    base.update(overrides)
+    return MLLMConfig(**base)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host-side batch preparation
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HostBatch:
+    """One training or evaluation batch, prepared on the host.
+
+    Attributes:
+      pixel_values: [B, n, S, S, 3] float32 views of every image (n = geometry.num_views).
+      answers: [B, G] int32 answer tokens: caption, <|eot_id|>, then <|endoftext|> padding.
+      token_class: [B, G] int32 index into TOKEN_CLASSES per answer token.
+      obj_weights_base: [B, M, u, u] float32 fraction of each base-view token covered by object m.
+      obj_weights_hi: [B, M, H, W] float32 the same for the high-res grid.
+      obj_shape, obj_colour: [B, M] int32 (-1 for padding objects).
+      obj_centre: [B, M, 2] float32 centre (y, x) in [0, 1] image coordinates.
+      obj_relation: [B, M] int32 index into RELATIONS of the relation the caption states from object m to object
+        m + 1 (objects are paired (0, 1), (2, 3)), "none" for the second of a pair, a lone last object and padding.
+      captions: the B captions.
+    """
+
+    pixel_values: np.ndarray
+    answers: np.ndarray
+    token_class: np.ndarray
+    obj_weights_base: np.ndarray
+    obj_weights_hi: np.ndarray
+    obj_shape: np.ndarray
+    obj_colour: np.ndarray
+    obj_centre: np.ndarray
+    obj_relation: np.ndarray
+    captions: tuple[str, ...]
+
+
+def toy_geometry(config: MLLMConfig, image_size: int = TOY_IMAGE_SIZE) -> pimg.ImageGeometry:
+    """The token geometry every square ``image_size`` image gets under ``config``."""
+    return pimg.image_geometry((image_size, image_size), config)
+
+
+def prompt_ids(config: MLLMConfig, tokenizer, prompt: str | None = None) -> np.ndarray:
+    """Host ids [T_text] of the chat prompt (one -200 image placeholder) for ``prompt`` (default: the config's)."""
+    return ptext.build_prompt_ids(prompt, config, tokenizer)
+
+
+def answer_ids(captions: Sequence[str], tokenizer, config: MLLMConfig, gen_length: int) -> np.ndarray:
+    """Answer token ids [B, G]: each caption's words, ``<|eot_id|>``, then ``<|endoftext|>`` up to ``gen_length``.
+
+    This is LLaDA's SFT answer format: the model learns to end its turn and to fill the rest with EOS.
+    """
+    lm = config.lm
+    out = np.full((len(captions), gen_length), lm.eos_id, np.int32)
+    for i, c in enumerate(captions):
+        ids = tokenizer(c).input_ids
+        if len(ids) + 1 > gen_length:
+            raise ValueError(f"caption {c!r} has {len(ids)} tokens; with <|eot_id|> it does not fit gen_length="
+                             f"{gen_length}. Use a larger gen_length.")
+        out[i, :len(ids)] = ids
+        out[i, len(ids)] = lm.eot_id
+    return out
+
+
+def answer_token_classes(answers: np.ndarray, tokenizer, config: MLLMConfig) -> np.ndarray:
+    """[B, G] int32 class index (TOKEN_CLASSES) of each answer token."""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(config.lm.vocab_size)))
+    table = np.full(config.lm.vocab_size, TOKEN_CLASSES.index("function"), np.int32)
+    for i, w in enumerate(vocab):
+        if w in shapes.WORD_CLASS:
+            table[i] = TOKEN_CLASSES.index(shapes.WORD_CLASS[w])
+    table[config.lm.eot_id] = TOKEN_CLASSES.index("eot")
+    table[config.lm.eos_id] = TOKEN_CLASSES.index("pad")
+    return table[answers]
+
+
+def area_weights(masks: np.ndarray, grid: int) -> np.ndarray:
+    """Fraction of each cell of a grid x grid partition covered by each mask.
+
+    masks: [..., N, N] bool with N divisible by ``grid`` -> [..., grid, grid] float32 in [0, 1].
+    """
+    n = masks.shape[-1]
+    if masks.shape[-2] != n or n % grid:
+        raise ValueError(f"masks must be square [..., N, N] with N divisible by {grid}; got {masks.shape}")
+    k = n // grid
+    m = masks.reshape(masks.shape[:-2] + (grid, k, grid, k)).astype(np.float32)
+    return m.mean(axis=(-3, -1))
+
+
+def pair_relations(centres_yx: np.ndarray, num_objects: np.ndarray) -> np.ndarray:
+    """[B, M] int32 RELATIONS index of object m to object m + 1 for caption pairs (m even, m + 1 < n), else "none".
+
+    centres_yx: [B, M, 2] (y, x); num_objects: [B]. Same rule as the ShapesWorld caption: |dy| > |dx| gives
+    above / below, otherwise left of / right of.
+    """
+    B, M = centres_yx.shape[:2]
+    out = np.full((B, M), RELATIONS.index("none"), np.int32)
+    for i in range(B):
+        for m in range(0, int(num_objects[i]) - 1, 2):
+            dy, dx = centres_yx[i, m + 1] - centres_yx[i, m]
+            if abs(dy) > abs(dx):
+                out[i, m] = RELATIONS.index("above" if dy > 0 else "below")
+            else:
+                out[i, m] = RELATIONS.index("left of" if dx > 0 else "right of")
+    return out
+
+
+def make_host_batch(b: shapes.Batch, config: MLLMConfig, tokenizer, processor: pimg.ImageProcessor,
+                    gen_length: int) -> HostBatch:
+    """Turn a ShapesWorld batch into model inputs and targets (see :class:`HostBatch`)."""
+    geom = toy_geometry(config, b.images.shape[1])
+    if b.images.shape[1] != b.images.shape[2]:
+        raise ValueError(f"toy training needs square images, got {b.images.shape[1:3]}")
+    pix = np.stack([processor(img).pixel_values for img in b.images])
+    answers = answer_ids(b.captions, tokenizer, config, gen_length)
+    H, W = geom.highres_shape
+    if H != W:
+        raise ValueError(f"expected a square high-res grid for square images, got {geom.highres_shape}")
+    return HostBatch(
+        pixel_values=pix.astype(np.float32),
+        answers=answers,
+        token_class=answer_token_classes(answers, tokenizer, config),
+        obj_weights_base=area_weights(b.masks, geom.view_side),
+        obj_weights_hi=area_weights(b.masks, H),
+        obj_shape=b.shapes.astype(np.int32),
+        obj_colour=b.colours.astype(np.int32),
+        obj_centre=(b.centres_yx / np.float32(b.images.shape[1])).astype(np.float32),
+        obj_relation=pair_relations(b.centres_yx, b.num_objects),
+        captions=tuple(b.captions),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batched forward
+
+
+def image_blocks(params: Params, config: MLLMConfig, pixel_values: jax.Array, geometry: pimg.ImageGeometry, *,
+                 freeze_tower: bool = False, freeze_projector: bool = True) -> jax.Array:
+    """Image token blocks of a batch of same-geometry images.
+
+    pixel_values: [B, n, S, S, 3] -> [B, N_img, D], the tokens ``mllm.image_tokens`` gives each image (tower,
+    projector, optional bilinear pooling, any-resolution layout). ``freeze_tower`` stops gradients at the projector
+    output (``freeze_projector=True``) or at the tower output, so a training step skips their backward pass.
+    """
+    B, n = pixel_values.shape[:2]
+    feats = siglip.vision_features(params, config, pixel_values.reshape((B * n,) + pixel_values.shape[2:]))
+    if freeze_tower and not freeze_projector:
+        feats = jax.lax.stop_gradient(feats)
+    x = projector.project(params, feats, dtype=config.lm.dtype)
+    if freeze_tower and freeze_projector:
+        x = jax.lax.stop_gradient(x)
+    g, u = config.vision.grid, config.tokens_per_view_side
+    x = x.reshape(B * n, g, g, -1)
+    if u != g:
+        # the same resize as mllm.encode_views (bilinear, half-pixel centres, no antialias)
+        x = jax.image.resize(x.astype(jnp.float32), (B * n, u, u, x.shape[-1]), "bilinear", antialias=False)
+    grids = x.astype(jnp.dtype(config.lm.dtype)).reshape((B, n, u, u, x.shape[-1]))
+    return jax.vmap(lambda gr: mllm.assemble_image_tokens(gr, params["image_newline"], geometry))(grids)
+
+
+def prefix_embeddings(params: Params, config: MLLMConfig, ids: np.ndarray, blocks: jax.Array) -> jax.Array:
+    """Splice image blocks [B, N_img, D] into the shared prompt ``ids`` [T] (host, one -200) -> [B, P, D]."""
+    i = mllm.image_token_index(ids)
+    text = llada.embed_tokens(params["lm"], config.lm, jnp.asarray(np.where(ids == IMAGE_TOKEN_INDEX, 0, ids)))
+    B = blocks.shape[0]
+    before = jnp.broadcast_to(text[:i], (B, i, text.shape[-1]))
+    after = jnp.broadcast_to(text[i + 1:], (B, len(ids) - i - 1, text.shape[-1]))
+    return jnp.concatenate([before, blocks.astype(text.dtype), after], axis=1)
+
+
+def answer_logits(params: Params, config: MLLMConfig, prefix: jax.Array, answer_tokens: jax.Array, *,
+                  attention: str = "full") -> jax.Array:
+    """Logits at the answer positions only. prefix: [B, P, D]; answer_tokens: [B, G] int -> [B, G, V] float32.
+
+    attention: "full" (every token sees every token) or "prefix_lm" (prefix queries see only the prefix).
+    """
+    lm = params["lm"]
+    B, P = prefix.shape[:2]
+    G = answer_tokens.shape[1]
+    h0 = jnp.concatenate([prefix, llada.embed_tokens(lm, config.lm, answer_tokens)], axis=1)
+    T = P + G
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    bias = llada.attention_bias(jnp.arange(T), T, attention=attention, prefix_len=P if attention == "prefix_lm"
+                                else None)
+    h = llada.run_blocks(lm["layers"], config.lm, h0, positions=positions, bias=bias)
+    return llada.final_logits(lm, config.lm, h[:, P:])
+
+
+def answer_logits_shared_prefix(params: Params, config: MLLMConfig, prefix: jax.Array,
+                                answer_tokens: jax.Array) -> jax.Array:
+    """Prefix-LM logits of K answers per prompt, the prompt computed once.
+
+    prefix: [B, P, D]; answer_tokens: [B, K, G] int -> logits [B, K, G, V] float32. Equals
+    ``answer_logits(..., attention="prefix_lm")`` on each (prefix, answer) pair: prompt queries see only the prompt,
+    so its keys and values do not depend on the answer and are shared by the K answers.
+    """
+    lm, cfg = params["lm"], config.lm
+    B, P = prefix.shape[:2]
+    _, K, G = answer_tokens.shape
+    pos_p = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    _, (k, v) = llada.run_blocks(lm["layers"], cfg, prefix.astype(llada.compute_dtype(cfg)), positions=pos_p,
+                                 return_kv=True)
+    k, v = jnp.repeat(k, K, axis=1), jnp.repeat(v, K, axis=1)  # [N, B*K, P, KV, Dh]
+    emb = llada.embed_tokens(lm, cfg, answer_tokens.reshape(B * K, G))
+    pos_a = jnp.broadcast_to(P + jnp.arange(G, dtype=jnp.int32), (B * K, G))
+    h = llada.run_blocks(lm["layers"], cfg, emb, positions=pos_a, cache_kv=(k, v))
+    return llada.final_logits(lm, cfg, h).reshape(B, K, G, -1)
+
+
+def corrupt(key: jax.Array, answers: jax.Array, mask_id: int, eps: float = 1e-3):
+    """Forward diffusion: mask each answer token with probability t, t stratified over the batch in [eps, 1].
+
+    answers: [B, G] int. Returns (noisy [B, G], masked [B, G] bool, t [B]).
+    """
+    B, G = answers.shape
+    k1, k2 = jax.random.split(key)
+    # stratified t (one sample per 1/B slice) lowers the variance of the 1/t-weighted loss
+    u = (jax.random.uniform(k1, ()) + jnp.arange(B) / B) % 1.0
+    t = eps + (1.0 - eps) * u
+    masked = jax.random.uniform(k2, (B, G)) < t[:, None]
+    return jnp.where(masked, mask_id, answers), masked, t
+
+
+class DiffusionOut(NamedTuple):
+    """loss: scalar (diffusion loss + aux_weight * aux_loss); correct, count: [len(TOKEN_CLASSES)] argmax hits and
+    masked tokens per token class; aux_loss: the object-level loss or None."""
+    loss: jax.Array
+    correct: jax.Array
+    count: jax.Array
+    aux_loss: Any = None
+
+
+def diffusion_loss(params: Params, config: MLLMConfig, geometry: pimg.ImageGeometry, ids: np.ndarray,
+                   pixel_values: jax.Array, answers: jax.Array, token_class: jax.Array, key: jax.Array, *,
+                   attention: str = "full", freeze_tower: bool = False, aux=None,
+                   aux_weight: float = 0.0, num_masks: int = 1, freeze_projector: bool = True,
+                   pad_weight: float = 1.0) -> DiffusionOut:
+    """LLaDA SFT loss: sum over masked answer tokens of CE / t, normalised by the number of answer tokens.
+
+    num_masks: K independent maskings of each answer (t stratified over all B*K); with ``attention="prefix_lm"``
+    they share one prompt computation (LaViDa's Prefix-DLM trains with two complementary maskings this way).
+    pad_weight: weight of the ``<|endoftext|>`` padding tokens in the sum (1 = LLaDA SFT exactly). With 32-token
+    answers most tokens are padding, and a fresh LM learns the content words many times more slowly at weight 1.
+
+    pixel_values: [B, n, S, S, 3]; answers, token_class: [B, G] int; ids: host prompt ids with one -200.
+    aux: optional (heads, w_base, w_hi, obj_shape, obj_colour, obj_centre) for :func:`object_loss_on_blocks`,
+    added with ``aux_weight``.
+    """
+    blocks = image_blocks(params, config, pixel_values, geometry, freeze_tower=freeze_tower,
+                          freeze_projector=freeze_projector)
+    prefix = prefix_embeddings(params, config, ids, blocks)
+    B, G = answers.shape
+    K = num_masks
+    answers, token_class = jnp.repeat(answers, K, axis=0), jnp.repeat(token_class, K, axis=0)  # [B*K, G]
+    noisy, masked, t = corrupt(key, answers, config.lm.mask_id)
+    if K > 1 and attention == "prefix_lm":
+        logits = answer_logits_shared_prefix(params, config, prefix, noisy.reshape(B, K, G)).reshape(B * K, G, -1)
+    else:
+        logits = answer_logits(params, config, jnp.repeat(prefix, K, axis=0), noisy, attention=attention)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, answers[..., None], axis=-1)[..., 0]
+    weight = jnp.where(answers == config.lm.eos_id, pad_weight, 1.0)
+    loss = jnp.sum(jnp.where(masked, ce * weight, 0.0) / t[:, None]) / answers.size
+    hit = (jnp.argmax(logits, -1) == answers) & masked
+    onehot = jax.nn.one_hot(token_class, len(TOKEN_CLASSES), dtype=jnp.float32)
+    correct = jnp.einsum("bgc,bg->c", onehot, hit.astype(jnp.float32))
+    count = jnp.einsum("bgc,bg->c", onehot, masked.astype(jnp.float32))
+    aux_loss = None
+    if aux is not None:
+        aux_loss = object_loss_on_blocks(blocks, aux[0], geometry, *aux[1:]).loss
+        loss = loss + aux_weight * aux_loss
+    return DiffusionOut(loss, correct, count, aux_loss)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tower pretraining on object-level targets
+
+
+def init_object_heads(key: jax.Array, d_model: int, scale: float = 0.02) -> Params:
+    """Linear heads for tower pretraining, each {"kernel": [D, n], "bias": [n]}.
+
+    Object heads on pooled object features: shape (6), colour (8), centre (2), order (the object's place in the
+    caption, MAX_OBJECTS), relation (to the next object of its caption pair, RELATIONS). Token heads on every image
+    token: token_shape (6 + background), token_colour (8 + background).
+    """
+    sizes = {"shape": len(shapes.SHAPES), "colour": len(shapes.COLOUR_NAMES), "centre": 2,
+             "token_shape": len(shapes.SHAPES) + 1, "token_colour": len(shapes.COLOUR_NAMES) + 1,
+             "order": MAX_OBJECTS, "relation": len(RELATIONS)}
+    ks = jax.random.split(key, len(sizes))
+    return {name: {"kernel": scale * jax.random.normal(k, (d_model, n), jnp.float32),
+                   "bias": jnp.zeros((n,), jnp.float32)} for k, (name, n) in zip(ks, sizes.items())}
+
+
+def sincos_pos_embed(grid: int, width: int, temperature: float = 10000.0) -> np.ndarray:
+    """2-D sine-cosine position embedding [grid * grid, width] (row-major), a locality-aware initialisation for the
+    tower's learned ``pos_embed``: a quarter of the channels each for sin(y), cos(y), sin(x), cos(x) at
+    geometrically spaced frequencies. width must be divisible by 4."""
+    if width % 4:
+        raise ValueError(f"width={width} must be divisible by 4 for a 2-D sin-cos embedding")
+    y, x = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    q = width // 4
+    omega = 1.0 / temperature ** (np.arange(q, dtype=np.float64) / q)
+    ay, ax = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(ay), np.cos(ay), np.sin(ax), np.cos(ax)], axis=1).astype(np.float32)
+
+
+def init_toy_params(key: jax.Array, config: MLLMConfig, scale: float = 0.02) -> Params:
+    """Fresh toy parameters: ``mllm.init_mllm_params`` with the tower's pos_embed set to a 2-D sin-cos table."""
+    params = mllm.init_mllm_params(key, config, scale=scale)
+    pe = sincos_pos_embed(config.vision.grid, config.vision.width)
+    params["vision"]["pos_embed"] = jnp.asarray(pe, params["vision"]["pos_embed"].dtype)
+    return params
+
+
+def pool_objects(grid: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mask-weighted mean of token features. grid: [B, H, W, D]; weights: [B, M, H, W] -> [B, M, D]."""
+    num = jnp.einsum("bhwd,bmhw->bmd", grid, weights)
+    return num / jnp.maximum(jnp.sum(weights, axis=(-2, -1)), 1e-6)[..., None]
+
+
+class GridOut(NamedTuple):
+    """Tower-pretraining losses on one token grid. loss: scalar; shape_acc, colour_acc: accuracy of the pooled-object
+    heads; centre_err: mean absolute centre error (image fractions); token_shape_acc: accuracy of the token shape head
+    on object tokens; order_acc: accuracy of the caption-order head (0 when not trained)."""
+    loss: jax.Array
+    shape_acc: jax.Array
+    colour_acc: jax.Array
+    centre_err: jax.Array
+    token_shape_acc: jax.Array
+    order_acc: jax.Array
+
+
+def _rms(x):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+
+
+def grid_losses(grid: jax.Array, heads: Params, weights: jax.Array, obj_shape: jax.Array, obj_colour: jax.Array,
+                obj_centre: jax.Array | None, *, obj_relation: jax.Array | None = None, token_weight: float = 1.0,
+                min_cover: float = 0.3, background_weight: float = 0.2) -> GridOut:
+    """Object-level and token-level classification losses on one grid of image tokens.
+
+    grid: [B, h, w, D] tokens; weights: [B, M, h, w] fraction of each token covered by object m; obj_shape,
+    obj_colour: [B, M] int (-1 = no object); obj_centre: [B, M, 2] (y, x) in [0, 1] or None (no centre loss,
+    e.g. for the high-res grid, whose crops do not know where they sit in the image).
+
+    * object heads: each object's tokens are averaged with its coverage weights, RMS-normalised (no parameters: the
+      projected tokens start tiny, and unnormalised heads let the regression drown the classification gradients),
+      then linear heads give CE(shape) + CE(colour) [+ L1(centre)] [+ CE(order) + CE(relation) when
+      ``obj_relation`` [B, M] is given: the object's index m in the caption and the relation to object m + 1],
+      averaged over real objects;
+    * token heads (weight ``token_weight``): every token whose largest object covers at least ``min_cover`` of it
+      is labelled with that object's shape and colour, other tokens "background" (weighted ``background_weight``).
+    """
+    B = grid.shape[0]
+    grid = grid.astype(jnp.float32)
+    valid = (obj_shape >= 0).astype(jnp.float32)
+    n_valid = jnp.maximum(jnp.sum(valid), 1.0)
+    pooled = _rms(pool_objects(grid, weights))
+    loss, accs = 0.0, {}
+    for name, target in (("shape", obj_shape), ("colour", obj_colour)):
+        logits = pooled @ heads[name]["kernel"] + heads[name]["bias"]
+        tgt = jnp.maximum(target, 0)
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[..., None], -1)[..., 0]
+        loss = loss + jnp.sum(ce * valid) / n_valid
+        accs[name] = jnp.sum((jnp.argmax(logits, -1) == tgt) * valid) / n_valid
+    if obj_relation is not None:
+        order = jnp.broadcast_to(jnp.arange(obj_shape.shape[1]), obj_shape.shape)
+        for name, target in (("order", jnp.minimum(order, MAX_OBJECTS - 1)), ("relation", obj_relation)):
+            logits = pooled @ heads[name]["kernel"] + heads[name]["bias"]
+            ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target[..., None], -1)[..., 0]
+            loss = loss + jnp.sum(ce * valid) / n_valid
+            accs[name] = jnp.sum((jnp.argmax(logits, -1) == target) * valid) / n_valid
+    err = jnp.zeros(())
+    if obj_centre is not None:
+        e = jnp.sum(jnp.abs(pooled @ heads["centre"]["kernel"] + heads["centre"]["bias"] - obj_centre), -1)
+        loss = loss + jnp.sum(e * valid) / n_valid
+        err = jnp.sum(e * valid) / n_valid / 2
+    cover = jnp.max(weights, axis=1)  # [B, h, w]
+    owner = jnp.argmax(weights, axis=1)
+    on_obj = cover >= min_cover
+    tok_w = jnp.where(on_obj, 1.0, background_weight)
+    feats = _rms(grid)
+    tok_acc = jnp.zeros(())
+    for name, target, n_cls in (("token_shape", obj_shape, len(shapes.SHAPES)),
+                                ("token_colour", obj_colour, len(shapes.COLOUR_NAMES))):
+        lab = jnp.take_along_axis(target, owner.reshape(B, -1), axis=1).reshape(owner.shape)
+        lab = jnp.where(on_obj, lab, n_cls)
+        logits = feats @ heads[name]["kernel"] + heads[name]["bias"]
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), lab[..., None], -1)[..., 0]
+        loss = loss + token_weight * jnp.sum(ce * tok_w) / jnp.sum(tok_w)
+        if name == "token_shape":
+            tok_acc = jnp.sum((jnp.argmax(logits, -1) == lab) * on_obj) / jnp.maximum(jnp.sum(on_obj), 1.0)
+    return GridOut(loss, accs["shape"], accs["colour"], err, tok_acc, accs.get("order", jnp.zeros(())))
+
+
+def view_grids(params: Params, config: MLLMConfig, pixels: jax.Array) -> jax.Array:
+    """Projected (and pooled, if the config pools) token grids of single views. pixels: [N, S, S, 3] ->
+    [N, u, u, D]; the same as ``mllm.encode_views``."""
+    return mllm.encode_views(params, config, pixels)
+
+
+def view_losses(params: Params, heads: Params, config: MLLMConfig, pixels: jax.Array, weights: jax.Array,
+                obj_shape: jax.Array, obj_colour: jax.Array, obj_centre: jax.Array, **kw) -> GridOut:
+    """Tower pretraining on single views: ShapesWorld images of the view size, fed as one view each.
+
+    pixels: [N, S, S, 3] normalised; weights: [N, M, u, u]; the rest as :func:`grid_losses`.
+    """
+    return grid_losses(view_grids(params, config, pixels), heads, weights, obj_shape, obj_colour, obj_centre, **kw)
+
+
+def object_losses(params: Params, heads: Params, config: MLLMConfig, geometry: pimg.ImageGeometry,
+                  pixel_values: jax.Array, w_base: jax.Array, w_hi: jax.Array, obj_shape: jax.Array,
+                  obj_colour: jax.Array, obj_centre: jax.Array, obj_relation: jax.Array | None = None,
+                  **kw) -> GridOut:
+    """Tower pretraining on whole images in the model's layout: :func:`grid_losses` on the base view (with the
+    centre, and the caption order and relation when ``obj_relation`` is given: only the base view sees the whole
+    image) and on the high-res grid (without), averaged; the accuracies are [2] (base, high-res).
+
+    pixel_values: [B, n, S, S, 3]; w_base: [B, M, u, u]; w_hi: [B, M, H, W]; obj_shape, obj_colour: [B, M];
+    obj_centre: [B, M, 2].
+    """
+    return object_loss_on_blocks(image_blocks(params, config, pixel_values, geometry), heads, geometry, w_base, w_hi,
+                                 obj_shape, obj_colour, obj_centre, obj_relation, **kw)
+
+
+def object_loss_on_blocks(blocks: jax.Array, heads: Params, geometry: pimg.ImageGeometry, w_base: jax.Array,
+                          w_hi: jax.Array, obj_shape: jax.Array, obj_colour: jax.Array, obj_centre: jax.Array,
+                          obj_relation: jax.Array | None = None, **kw) -> GridOut:
+    """:func:`object_losses` given the image token blocks [B, N_img, D] already computed."""
+    B, _, D = blocks.shape
+    u = geometry.view_side
+    H, W = geometry.highres_shape
+    base = blocks[:, :u * u].reshape(B, u, u, D)
+    hi = blocks[:, u * u:].reshape(B, H, W + 1, D)[:, :, :W]
+    a = grid_losses(base, heads, w_base, obj_shape, obj_colour, obj_centre, obj_relation=obj_relation, **kw)
+    b = grid_losses(hi, heads, w_hi, obj_shape, obj_colour, None, **kw)
+    return GridOut(*[(x + y) / 2 if k == 0 else jnp.stack([x, y]) for k, (x, y) in enumerate(zip(a, b))])
+
