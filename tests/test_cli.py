@@ -10,7 +10,6 @@ from PIL import Image
 import dcam_jax as dj
 from dcam_jax import api, cli
 
-TOY = api.BUILTIN["toy"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,6 @@ def test_bad_inputs_leave_nothing_behind(tiny_ckpt, image_path, tmp_path, capsys
     assert "--image is required" in capsys.readouterr().err + capsys.readouterr().out
 
 
-@pytest.mark.skipif(not (TOY / "dcam_checkpoint.json").exists(), reason="embedded toy checkpoint not built yet")
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["dcam", "demo", f"--out_dir={out}"]) == 0, capsys.readouterr().err

@@ -22,7 +22,6 @@ independent check: both give the same captions).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 from typing import Any, Sequence
@@ -91,21 +90,17 @@ _greedy_jit = jax.jit(_greedy, static_argnums=(1, 3, 4))
 _image_blocks_jit = jax.jit(tm.image_blocks, static_argnums=(1, 3))
 
 
-def _sampler_available() -> bool:
-    return importlib.util.find_spec("dcam_jax.sampling") is not None
-
-
 def decode(params: Params, config: MLLMConfig, prefix: jax.Array, gen_length: int, steps: int | None = None,
-           decoder: str = "auto") -> np.ndarray:
+           decoder: str = "sampler") -> np.ndarray:
     """Answer tokens [B, G] for prompt embeddings ``prefix`` [B, P, D] at the default sampling settings.
 
-    decoder: "sampler" (dcam_jax.sampling.sample), "interim" (:func:`greedy_decode`) or "auto" (the sampler when
-    the module exists).
+    decoder: "sampler" (dcam_jax.sampling.sample at temperature 0, low-confidence remasking, one block) or
+    "interim" (:func:`greedy_decode`, an independent implementation of the same rule kept as a cross-check).
     """
     steps = steps or gen_length
-    if decoder not in ("auto", "sampler", "interim"):
-        raise ValueError(f"decoder={decoder!r}, expected 'auto', 'sampler' or 'interim'")
-    if decoder == "sampler" or (decoder == "auto" and _sampler_available()):
+    if decoder not in ("sampler", "interim"):
+        raise ValueError(f"decoder={decoder!r}, expected 'sampler' or 'interim'")
+    if decoder == "sampler":
         from dcam_jax import sampling
 
         res = sampling.sample(params, config, key=jax.random.key(0), gen_length=gen_length, block_length=gen_length,
@@ -180,7 +175,7 @@ class EvalReport:
 
 def evaluate(params: Params, config: MLLMConfig, tokenizer, *, num_examples: int = 500, split: str = "test",
              preset: str = "default", start: int = 0, batch_size: int = 50, gen_length: int = tm.TOY_GEN_LENGTH,
-             steps: int | None = None, decoder: str = "auto", progress: bool = True) -> EvalReport:
+             steps: int | None = None, decoder: str = "sampler", progress: bool = True) -> EvalReport:
     """Generate captions for examples ``start .. start + num_examples - 1`` of ``split`` and score them."""
     from tqdm.auto import tqdm
 
@@ -223,8 +218,9 @@ def _flags():
     flags.DEFINE_integer("batch_size", 50, "Examples decoded together.")
     flags.DEFINE_integer("gen_length", tm.TOY_GEN_LENGTH, "Answer length.")
     flags.DEFINE_integer("steps", None, "Denoising steps (default: gen_length).")
-    flags.DEFINE_enum("decoder", "auto", ["auto", "sampler", "interim"],
-                      "dcam_jax.sampling.sample ('sampler'), the built-in greedy decoder ('interim'), or 'auto'.")
+    flags.DEFINE_enum("decoder", "sampler", ["sampler", "interim"],
+                      "dcam_jax.sampling.sample ('sampler', greedy low-confidence remasking) or the independent "
+                      "greedy decoder kept as a cross-check ('interim').")
     flags.DEFINE_string("json_out", None, "Write the summary and every generated caption to this JSON file.")
     flags.DEFINE_integer("show", 5, "Print this many (true, generated) caption pairs.")
     return flags.FLAGS
@@ -240,8 +236,7 @@ def main(argv):
                    preset=F.preset, start=F.start, batch_size=F.batch_size, gen_length=F.gen_length, steps=F.steps,
                    decoder=F.decoder)
     summary = rep.summary()
-    summary["decoder"] = "sampler" if F.decoder == "sampler" or (F.decoder == "auto" and _sampler_available()) \
-        else "interim"
+    summary["decoder"] = F.decoder
     for t, g in list(zip(rep.captions, rep.generated))[:F.show]:
         print(f"  true: {t}\n  gen : {g}")
     print(json.dumps(summary, indent=2))

@@ -5,10 +5,12 @@ r"""Train the embedded toy dMLLM on ShapesWorld from scratch and write a dcam_ja
 Two phases, both on batches generated on the fly from the ShapesWorld *train* split (fully determined by
 ``--seed``):
 
-1. **Tower pretraining** (``--tower_steps``): the vision tower and projector learn object-level targets. Each
-   object's pixel mask is averaged onto the image-token grids (base view and high-res grid); the projected tokens
-   are pooled with those weights and linear heads predict the object's shape, colour and centre. This puts each
-   object's shape at that object's tokens, which end-to-end captioning alone does not achieve in a CPU budget.
+1. **Tower pretraining**: the vision tower and projector learn object-level targets. Each object's pixel mask
+   is averaged onto the image-token grids; the projected tokens are pooled with those weights and linear heads
+   predict the object's shape, colour and centre. This puts each object's shape at that object's tokens, which
+   end-to-end captioning alone does not achieve in a CPU budget. It runs in two stages: (a) ``--view_steps`` on
+   single views (ShapesWorld images drawn at the tower's view size, large objects relative to the patch), then
+   (b) ``--tower_steps`` on whole images in the model's layout (base view + high-res crops).
 2. **Masked-diffusion captioning** (``--lm_steps``): LLaDA's SFT objective on the answer (caption,
    ``<|eot_id|>``, ``<|endoftext|>`` padding to ``--gen_length``): each answer token is masked with probability
    t ~ U(eps, 1); loss = sum of cross-entropies over masked tokens / t, divided by the number of answer tokens.
@@ -79,11 +81,11 @@ class TrainConfig:
     view_batch: int = 128
     view_lr: float = 2e-3
     view_preset: str = "easy"
-    tower_steps: int = 1500
+    tower_steps: int = 1200
     tower_batch: int = 32
     tower_lr: float = 1e-3
     tower_presets: tuple[str, ...] = ("default",)
-    lm_steps: int = 2000
+    lm_steps: int = 3000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 20
@@ -419,6 +421,9 @@ def _flags():
     flags.DEFINE_integer("gen_length", d.gen_length, "Answer length the model fills (caption, eot, EOS padding).")
     flags.DEFINE_multi_string("config_override", [], "Model config override KEY=VALUE (dotted, e.g. "
                               "lm.n_layers=4); repeatable.")
+    flags.DEFINE_string("init_checkpoint", None, "Start from this checkpoint's parameters instead of a fresh "
+                        "initialisation (e.g. more captioning with --view_steps=0 --tower_steps=0); its config must "
+                        "equal the one being trained.")
     flags.DEFINE_integer("log_every", 25, "Log learning curves every this many steps.")
     flags.DEFINE_string("log_jsonl", None, "Also write the learning-curve records to this JSON-lines file.")
     flags.DEFINE_integer("eval_examples", 0, "After training, caption accuracy on this many validation examples.")
@@ -447,6 +452,14 @@ def main(argv):
     config = tm.toy_config(attention=F.attention)
     if F.config_override:
         config = config_lib.override(config, F.config_override)
+    init = None
+    if F.init_checkpoint:
+        from dcam_jax import checkpoint as ckpt
+
+        init_config, init, _ = ckpt.load_checkpoint(F.init_checkpoint)
+        if init_config != config.replace(attention=tcfg.attention):
+            raise SystemExit(f"--init_checkpoint={F.init_checkpoint} has a different model config than the one "
+                             "being trained; pass the same --attention / --config_override as when it was trained")
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = toy_tok.save_tokenizer(Path(tmp) / "tokenizer", model_max_length=config.lm.max_seq_len)
         tokenizer = ptext.load_tokenizer(tok_dir)
@@ -457,18 +470,21 @@ def main(argv):
             logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in rec.items()))
             if log_file:
-                log_file.write(json.dumps(rec) + "\n")
+                log_file.write(json.dumps(_json_safe(rec)) + "\n")
                 log_file.flush()
 
         t0 = time.time()
         try:
-            params, history = train(tcfg, config, tokenizer, log=log, progress=F.progress, log_every=F.log_every)
+            params, history = train(tcfg, config, tokenizer, log=log, progress=F.progress, log_every=F.log_every,
+                                    params=init)
         finally:
             if log_file:
                 log_file.close()
         wall = time.time() - t0
         info = {"trained_by": "python -m dcam_jax.toy.train", "train_config": dataclasses.asdict(tcfg),
-                "train_wall_time_s": round(wall, 1), "final": history[-1] if history else None}
+                "init_checkpoint": F.init_checkpoint,
+                "train_wall_time_s": round(wall, 1),
+                "final": _json_safe(history[-1]) if history else None}
         if F.eval_examples:
             from dcam_jax.toy import evaluate
 
@@ -479,6 +495,11 @@ def main(argv):
         host = jax.device_get(params)
         path = ckpt_save(out_dir, config, host, tok_dir, F.force, info)
     print(f"wrote {path} ({config.num_params / 1e6:.2f}M parameters) after {wall / 60:.1f} min of training")
+
+
+def _json_safe(rec: dict) -> dict:
+    """A log record with NaN metrics (a word class absent from the batch) as None, so the marker is strict JSON."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in rec.items()}
 
 
 def ckpt_save(out_dir, config, params, tok_dir, force, info):
