@@ -314,10 +314,11 @@ def test_training_smoke_loss_decreases(tok):
     b = shapes.batch("validation", range(16), shapes.preset("easy"))
     hb = tm.make_host_batch(b, cfg, tok, pimg.ImageProcessor(cfg), 8)
 
+    loss_fn = jax.jit(lambda p, k: tm.diffusion_loss(p, cfg, g, ids, hb.pixel_values, hb.answers, hb.token_class,
+                                                     k, pad_weight=tcfg.pad_weight).loss)
+
     def loss(p):
-        return np.mean([float(tm.diffusion_loss(p, cfg, g, ids, hb.pixel_values, hb.answers, hb.token_class,
-                                                jax.random.key(k), pad_weight=tcfg.pad_weight).loss)
-                        for k in range(4)])
+        return np.mean([float(loss_fn(p, jax.random.key(k))) for k in range(4)])
 
     # evaluated with the training objective's padding weight: at weight 1 the 8-token answers are mostly
     # padding, which training weights by 0.05, and the decrease would mostly measure the padding tokens
@@ -340,9 +341,11 @@ def _train_cli(*args):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "dcam_jax.toy.train", "--noprogress", "--log_every=1", "--view_batch=4",
-           "--tower_batch=4", "--batch_size=4", "--warmup_steps=1", "--freeze_tower_steps=1",
-           "--curriculum=easy:1:4,easy", *TINY_OVERRIDES, *args]
+    # captioning only (the tower phases run in-process in test_training_smoke_loss_decreases): this checks the
+    # command line's wiring, checkpoint writing and --init_checkpoint
+    cmd = [sys.executable, "-m", "dcam_jax.toy.train", "--noprogress", "--log_every=1", "--view_steps=0",
+           "--tower_steps=0", "--batch_size=4", "--warmup_steps=1", "--freeze_tower_steps=1", "--curriculum=easy",
+           "--gen_length=8", *TINY_OVERRIDES, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -351,31 +354,30 @@ def test_train_cli_end_to_end(tmp_path):
     from dcam_jax import checkpoint as ckpt
 
     out, log = tmp_path / "ckpt", tmp_path / "curves.jsonl"
-    r = _train_cli(f"--out_dir={out}", f"--log_jsonl={log}", "--view_steps=2", "--tower_steps=2", "--lm_steps=2")
+    r = _train_cli(f"--out_dir={out}", f"--log_jsonl={log}", "--lm_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote" in r.stdout
     config, params, tok_dir = ckpt.load_checkpoint(out)
     assert config.name == "toy" and config.lm.n_layers == 1 and tok_dir is not None
     strict = dict(parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     recs = [json.loads(line, **strict) for line in log.read_text().splitlines()]
-    assert [x["phase"] for x in recs] == ["tower_views"] * 2 + ["tower_images"] * 2 + ["lm"] * 2
+    assert [x["phase"] for x in recs] == ["lm"] * 2 and all(np.isfinite(x["loss"]) for x in recs)
     info = json.loads((out / "dcam_checkpoint.json").read_text(), **strict)["info"]
     assert info["train_config"]["lm_steps"] == 2 and info["init_checkpoint"] is None
     # a non-empty --out_dir is refused without --force and left as it was
     before = sorted(p.name for p in out.iterdir())
-    r = _train_cli(f"--out_dir={out}", "--view_steps=0", "--tower_steps=0", "--lm_steps=1")
+    r = _train_cli(f"--out_dir={out}", "--lm_steps=1")
     assert r.returncode != 0 and "--force" in r.stderr and sorted(p.name for p in out.iterdir()) == before
-    # continue from the checkpoint (captioning only); the continued parameters differ from the start
+    # --init_checkpoint starts from the checkpoint's parameters (with no steps they come back unchanged, where a
+    # fresh initialisation would differ); training from them is the in-process path of the smoke test
     out2 = tmp_path / "ckpt2"
-    r = _train_cli(f"--out_dir={out2}", f"--init_checkpoint={out}", "--view_steps=0", "--tower_steps=0",
-                   "--lm_steps=2", "--freeze_tower_steps=5")
+    r = _train_cli(f"--out_dir={out2}", f"--init_checkpoint={out}", "--lm_steps=0")
     assert r.returncode == 0, r.stderr[-3000:]
     _, params2, _ = ckpt.load_checkpoint(out2)
-    assert not np.allclose(params2["lm"]["embed"], params["lm"]["embed"])
-    np.testing.assert_array_equal(params2["vision"]["pos_embed"], params["vision"]["pos_embed"])  # tower frozen
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
     # a checkpoint of another architecture is refused before any training
-    r = _train_cli(f"--out_dir={tmp_path / 'ckpt3'}", f"--init_checkpoint={out}", "--view_steps=0",
-                   "--tower_steps=0", "--lm_steps=1", "--config_override=lm.n_layers=2")
+    r = _train_cli(f"--out_dir={tmp_path / 'ckpt3'}", f"--init_checkpoint={out}", "--lm_steps=1",
+                   "--config_override=lm.n_layers=2")
     assert r.returncode != 0 and "different model config" in r.stderr and not (tmp_path / "ckpt3").exists()
 
 
