@@ -483,25 +483,19 @@ def shapes_caption_eval(example, text: str) -> dict:
     """Caption accuracy of a generated caption against a ShapesWorld example.
 
     Phrases of the caption (shapes.parse_caption) are assigned one-to-one to the objects so that the number of
-    agreeing attributes is largest (Hungarian assignment). Per object: colour right, shape right, both (bound).
+    agreeing attributes is largest (:func:`dcam_jax.data.shapes.match_phrases`). Per object: colour right, shape
+    right, both (bound).
     Returns counts: objects, phrases, colour_correct, shape_correct, bound_correct, all_correct (as many phrases
     as objects and every object bound correctly), exact (the caption equals the reference).
     """
-    from scipy.optimize import linear_sum_assignment
-
     from dcam_jax.data import shapes
 
     phrases = shapes.parse_caption(text)
     n, m = example.num_objects, len(phrases)
-    colour_ok = shape_ok = bound = 0
-    if m:
-        col = np.array([[p[1] == c for p in phrases] for c in example.colours], np.int64)  # [n, m]
-        shp = np.array([[p[2] == s for p in phrases] for s in example.shapes], np.int64)
-        # both attributes right beats any single one: weight the pair so ties prefer bound matches
-        rows, cols = linear_sum_assignment(-(col + shp + 2 * (col * shp)))
-        colour_ok = int(col[rows, cols].sum())
-        shape_ok = int(shp[rows, cols].sum())
-        bound = int((col[rows, cols] * shp[rows, cols]).sum())
+    pairs = [(i, j) for i, j in enumerate(shapes.match_phrases(example.colours, example.shapes, phrases)) if j >= 0]
+    colour_ok = sum(phrases[j][1] == example.colours[i] for i, j in pairs)
+    shape_ok = sum(phrases[j][2] == example.shapes[i] for i, j in pairs)
+    bound = sum(phrases[j][1] == example.colours[i] and phrases[j][2] == example.shapes[i] for i, j in pairs)
     return {"objects": n, "phrases": m, "colour_correct": colour_ok, "shape_correct": shape_ok,
             "bound_correct": bound, "all_correct": bool(m == n and bound == n),
             "exact": " ".join(text.lower().split()) == example.caption}

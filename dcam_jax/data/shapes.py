@@ -454,6 +454,35 @@ def parse_caption(text: str) -> list[tuple[Optional[str], Optional[str], Optiona
     return [tuple(o) for o in objects]
 
 
+def match_phrases(colours: Sequence[str], shapes_: Sequence[str],
+                  phrases: Sequence[tuple[Optional[str], Optional[str], Optional[str]]]) -> list[int]:
+    """One-to-one assignment of true objects to caption phrases that agrees on the most attributes.
+
+    Colour and shape agreements count one each, and a phrase agreeing on both counts two more, so among
+    assignments with equally many agreeing words the one with more correctly bound objects wins (Hungarian
+    assignment, exact for any number of phrases).
+
+    Args:
+      colours, shapes_: [N] the true objects' colour and shape words.
+      phrases: [M] (size, colour, shape) per phrase, as :func:`parse_caption` returns.
+    Returns:
+      [N] index of the phrase assigned to each object, or -1 (more objects than phrases).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if len(colours) != len(shapes_):
+        raise ValueError(f"{len(colours)} colours but {len(shapes_)} shapes")
+    assign = [-1] * len(colours)
+    if not phrases or not colours:
+        return assign
+    col = np.array([[p[1] == c for p in phrases] for c in colours], np.int64)  # [N, M]
+    shp = np.array([[p[2] == s for p in phrases] for s in shapes_], np.int64)
+    rows, cols = linear_sum_assignment(-(col + shp + 2 * col * shp))
+    for i, j in zip(rows, cols):
+        assign[int(i)] = int(j)
+    return assign
+
+
 # ----------------------------------------------------------------------------------------------
 # Shapes
 # ----------------------------------------------------------------------------------------------

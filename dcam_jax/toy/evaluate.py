@@ -22,7 +22,6 @@ independent check: both give the same captions).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from typing import Any, Sequence
 
@@ -126,23 +125,11 @@ class CaptionScore:
     num_generated: int
 
 
-def _match(truth: Sequence[tuple[str, str]], gen: Sequence[tuple[str | None, str | None]]):
-    """Assignment of true objects to generated phrases maximising agreeing words; [N] index or -1 per object."""
-    n, m = len(truth), len(gen)
-    best, best_score = [-1] * n, -1
-    slots = list(range(m)) + [-1] * n
-    for perm in set(itertools.permutations(slots, n)):
-        score = sum((truth[i][0] == gen[j][0]) + (truth[i][1] == gen[j][1]) for i, j in enumerate(perm) if j >= 0)
-        if score > best_score:
-            best, best_score = list(perm), score
-    return best
-
-
 def score_caption(generated: str, colours: Sequence[str], shapes_: Sequence[str], caption: str) -> CaptionScore:
     """Score ``generated`` against the true objects (``colours``, ``shapes_`` in caption order) and ``caption``."""
     truth = list(zip(colours, shapes_))
     gen = [(c, s) for _, c, s in shapes.parse_caption(generated)]
-    assign = _match(truth, gen) if len(gen) <= 8 else [-1] * len(truth)
+    assign = shapes.match_phrases(colours, shapes_, [(None, c, s) for c, s in gen])
     colour_right = tuple(j >= 0 and gen[j][0] == truth[i][0] for i, j in enumerate(assign))
     shape_right = tuple(j >= 0 and gen[j][1] == truth[i][1] for i, j in enumerate(assign))
     objects_right = sorted(gen, key=str) == sorted(truth, key=str)

@@ -667,3 +667,30 @@ def test_tfds_custom_config_round_trip_and_errors(tmp_path):
         shapes_tfds.make_builder(tmp_path, num_examples={"train": 0, "validation": 0, "test": 0})
     with pytest.raises(ValueError, match="uint8"):
         shapes_tfds.encode_png(np.zeros((4, 4, 3), np.float32))
+
+
+def test_match_phrases_is_the_best_assignment():
+    """Against brute force over every partial injection: the most agreeing words, then the most bound objects."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    cols, shps = S.COLOUR_NAMES[:3], S.SHAPES[:3]
+    for _ in range(200):
+        n, m = int(rng.integers(0, 4)), int(rng.integers(0, 5))
+        colours = [str(rng.choice(cols)) for _ in range(n)]
+        shapes_ = [str(rng.choice(shps)) for _ in range(n)]
+        phrases = [(None, rng.choice(list(cols) + [None]), rng.choice(list(shps) + [None])) for _ in range(m)]
+
+        def value(assign):
+            c = sum(phrases[j][1] == colours[i] for i, j in enumerate(assign) if j >= 0)
+            s = sum(phrases[j][2] == shapes_[i] for i, j in enumerate(assign) if j >= 0)
+            b = sum(phrases[j][1] == colours[i] and phrases[j][2] == shapes_[i] for i, j in enumerate(assign) if j >= 0)
+            return c + s + 2 * b
+
+        best = max(value(p) for p in itertools.permutations(list(range(m)) + [-1] * n, n))
+        got = S.match_phrases(colours, shapes_, phrases)
+        assert len(got) == n and value(got) == best
+        used = [j for j in got if j >= 0]
+        assert len(used) == len(set(used)) == min(n, m)
+    with pytest.raises(ValueError, match="colours but"):
+        S.match_phrases(["red"], [], [])
