@@ -412,7 +412,7 @@ def read_config(path: str | os.PathLike) -> LMConfig | MLLMConfig:
 
 def stored_param_shapes(path: str | os.PathLike) -> dict[Path_, tuple[tuple[int, ...], np.dtype]]:
     """{param path: (shape, stored dtype)} from the orbax metadata, without reading any tensor data."""
-    pdir = Path(path) / PARAMS_DIR
+    pdir = Path(path).absolute() / PARAMS_DIR
     if not pdir.is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory; the checkpoint is incomplete")
     try:
@@ -440,7 +440,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = None, sharding: Sha
     Raises :class:`CheckpointError` if ``path`` is not a dcam_jax checkpoint, is incomplete or corrupt, or its
     params do not match its config.
     """
-    path = Path(path)
+    path = Path(path).absolute()
     config = read_config(path)
     stored = stored_param_shapes(path)
     check_params({p: s for p, (s, _) in stored.items()}, config, str(path))

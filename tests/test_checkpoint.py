@@ -66,6 +66,18 @@ def test_round_trip_lm_only_from_jax_arrays_and_dtype_cast(tmp_path):
         ck.load_checkpoint(tmp_path / "lm", dtype="int32")
 
 
+def test_load_from_a_relative_path(tmp_path, monkeypatch):
+    # orbax wants absolute paths; a relative one used to fail with a misleading "not a parameter tree" error
+    cfg = C.tiny_lm()
+    params = _numpy_params(cfg, seed=2)
+    ck.save_checkpoint(tmp_path / "sub" / "lm", cfg, params)
+    monkeypatch.chdir(tmp_path)
+    config, loaded, _ = ck.load_checkpoint("sub/lm")
+    assert config == cfg
+    _assert_tree_equal(params, loaded)
+    assert set(ck.stored_param_shapes("sub/lm")) == set(ck.flatten(params))
+
+
 def test_post_layernorm_is_part_of_the_layout_when_the_config_says_so(tmp_path):
     cfg = CFG.replace(has_post_layernorm=True)
     params = _numpy_params(cfg)
