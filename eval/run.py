@@ -86,6 +86,7 @@ class RunConfig:
     refine: Optional[str] = None
     score: Optional[str] = None
     attention: Optional[str] = None
+    aggregation: Optional[str] = None
     num_noise_samples: Optional[int] = None
     overrides_apply_to: tuple[str, ...] = ()
     targets: str = "content"
@@ -228,9 +229,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("score", None, "Score for gradient methods: logprob | logit | max_logit | vocab_sum | "
                         "sum_logits (default: the method's).", **f)
     flags.DEFINE_string("attention", None, "full | prefix_lm for gradient methods (default: the model's).", **f)
+    flags.DEFINE_string("aggregation", None, "How gradients and activations make the raw map, for gradient "
+                        "methods: gradcam (channel weights = mean gradient over the image grid; the SPEC's "
+                        "Diffusion-CAM) | hirescam (per-token sum of gradient x activation) | layercam | "
+                        "channel_relu_mean | gradcam_pp (default: the method's).", **f)
     flags.DEFINE_integer("num_noise_samples", None, "Probe states per token for --probe=noise.", **f)
     flags.DEFINE_list("overrides_apply_to", [], "Methods that --layer/--probe/--refine/--score/--attention/"
-                      "--num_noise_samples apply to (default: every gradient method in --methods; never tam, "
+                      "--aggregation/--num_noise_samples apply to (default: every gradient method in --methods; never tam, "
                       "uniform, random).", **f)
     flags.DEFINE_enum("targets", d.targets, ["content", "all"], "content: explain object words (and function "
                       "words for Func-IoU); all: also every other word (recorded, not scored).", **f)
@@ -769,7 +774,7 @@ def cam_config_for(method: str, cfg: RunConfig):
     kw: dict[str, Any] = {"method": method, "batch_size": cfg.cam_batch_size}
     applies = method != "tam" and (not cfg.overrides_apply_to or method in cfg.overrides_apply_to)
     if applies:
-        for name in ("layer", "probe", "refine", "score", "attention"):
+        for name in ("layer", "probe", "refine", "score", "attention", "aggregation"):
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
         if cfg.num_noise_samples is not None:

@@ -9,12 +9,14 @@ Two phases, both on batches generated on the fly from the ShapesWorld *train* sp
    is averaged onto the image-token grids; the projected tokens are pooled with those weights and linear heads
    predict the object's shape, colour and centre. This puts each object's shape at that object's tokens, which
    end-to-end captioning alone does not achieve in a CPU budget. It runs in two stages: (a) ``--view_steps`` on
-   single views (ShapesWorld images drawn at the tower's view size, large objects relative to the patch), then
-   (b) ``--tower_steps`` on whole images in the model's layout (base view + high-res crops).
+   single small views (``--view_size`` px ShapesWorld images with one large object; the tower's position table is
+   then resized to the model's patch grid), then (b) ``--tower_steps`` on whole images in the model's layout.
 2. **Masked-diffusion captioning** (``--lm_steps``): LLaDA's SFT objective on the answer (caption,
    ``<|eot_id|>``, ``<|endoftext|>`` padding to ``--gen_length``): each answer token is masked with probability
    t ~ U(eps, 1); loss = sum of cross-entropies over masked tokens / t, divided by the number of answer tokens.
-   The tower is frozen for the first ``--freeze_tower_steps`` steps, then trains at ``--tower_lr_mult`` x the LR.
+   The tower is frozen for the first ``--freeze_tower_steps`` steps (by default all of them: the tower keeps the
+   object-local features of phase 1, and a frozen tower costs no backward pass), then trains at
+   ``--tower_lr_mult`` x the LR.
    ``--curriculum`` schedules ShapesWorld presets (e.g. one object first).
 
 Optimiser: AdamW with linear warmup and cosine decay (per phase). Learning curves per answer word class
@@ -56,16 +58,21 @@ class TrainConfig:
 
     Attributes:
       seed: PRNG seed for parameters and masks; also offsets the ShapesWorld example indices.
-      view_steps, view_batch, view_lr, view_preset: phase 1a, tower pretraining on single views: ShapesWorld images
-        drawn at the tower's view size (``view_preset`` with image_size = vision.image_size) fed as one view each.
+      view_steps, view_batch, view_lr, view_preset, view_size: phase 1a, tower pretraining on single views:
+        ShapesWorld images of ``view_size`` px (``view_preset`` with image_size = view_size) fed as one view each.
+        A ``view_size`` below the model's view size (vision.image_size) trains the tower at that resolution, with a
+        position table for its smaller patch grid, which is then bilinearly resized to the model's grid (the usual
+        way a ViT moves to a higher resolution): at 32 px a view has 16 tokens instead of 64, so these steps cost
+        a quarter, and the objects keep their size in pixels.
       tower_steps, tower_batch, tower_lr, tower_presets: phase 1b, object-level tower pretraining on whole images in
-        the model's layout (base view + high-res crops); presets are cycled step by step.
+        the model's layout (every view of it); presets are cycled step by step.
       lm_steps, batch_size, lr, warmup_steps, weight_decay, min_lr_ratio: phase 2 (masked-diffusion captioning).
       curriculum: ((preset, steps, answer_length), ...) for phase 2; the last stage runs until ``lm_steps`` (its
         count ignored). answer_length 0 means ``gen_length``; a short first stage on one-object images with
         answers of exactly caption + eot (no EOS padding) teaches the fresh LM to read the image quickly (with
         28 of 32 answer tokens being padding, content words are learned many times more slowly).
-      freeze_tower_steps: phase-2 steps with the tower frozen (no tower gradients at all).
+      freeze_tower_steps: phase-2 steps with the tower frozen (no tower gradients at all); >= lm_steps keeps it
+        frozen throughout.
       tower_lr_mult: the LR multiplier of the tower (and of a frozen projector) in phase 2 after unfreezing.
       freeze_projector: whether the projector is frozen with the tower (else it trains at the full LR).
       aux_weight: weight of the object-level tower loss kept as an auxiliary loss in phase 2 (0 = off).
@@ -81,9 +88,10 @@ class TrainConfig:
     view_batch: int = 128
     view_lr: float = 2e-3
     view_preset: str = "easy"
-    tower_steps: int = 1200
+    view_size: int = 32
+    tower_steps: int = 3500
     tower_batch: int = 32
-    tower_lr: float = 1e-3
+    tower_lr: float = 1.5e-3
     tower_presets: tuple[str, ...] = ("default",)
     lm_steps: int = 3000
     batch_size: int = 32
@@ -92,7 +100,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     min_lr_ratio: float = 0.05
     curriculum: tuple[tuple[str, int, int], ...] = (("easy", 150, 0), ("simple", 350, 0), ("default", 0, 0))
-    freeze_tower_steps: int = 800
+    freeze_tower_steps: int = 3000
     tower_lr_mult: float = 0.1
     freeze_projector: bool = True
     aux_weight: float = 0.0
@@ -107,7 +115,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be a non-negative int")
-        for name in ("view_batch", "tower_batch", "batch_size", "gen_length", "num_masks"):
+        for name in ("view_batch", "tower_batch", "batch_size", "gen_length", "num_masks", "view_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be a positive int")
@@ -272,8 +280,17 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
     # ---------------------------------------------------------------- phase 1a: single views
     if tcfg.view_steps:
         vc = config.vision
-        view_cfg = shapes.preset(tcfg.view_preset, image_size=vc.image_size)
-        u = config.tokens_per_view_side
+        if tcfg.view_size > vc.image_size or tcfg.view_size % vc.patch_size:
+            raise ValueError(f"TrainConfig.view_size={tcfg.view_size} must be a multiple of the patch size "
+                             f"{vc.patch_size} and at most the model's view size {vc.image_size}")
+        small = tcfg.view_size != vc.image_size
+        pre_config = (config.replace(vision=dataclasses.replace(vc, image_size=tcfg.view_size)) if small
+                      else config)
+        if small:  # train at the small grid with a position table of its own size (2-D sin-cos start)
+            params = {**params, "vision": {**params["vision"], "pos_embed": jnp.asarray(
+                tm.sincos_pos_embed(pre_config.vision.grid, vc.width), params["vision"]["pos_embed"].dtype)}}
+        view_cfg = shapes.preset(tcfg.view_preset, image_size=tcfg.view_size)
+        u = pre_config.tokens_per_view_side
         mean, std = np.asarray(vc.image_mean, np.float32), np.asarray(vc.image_std, np.float32)
 
         def view_batch(s):
@@ -281,11 +298,14 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
             # the images already have the view size, so preprocessing is the normalisation alone
             pix = (b.images.astype(np.float32) / 255.0 - mean) / std
             return (pix, tm.area_weights(b.masks, u), b.shapes, b.colours,
-                    (b.centres_yx / np.float32(vc.image_size)).astype(np.float32))
+                    (b.centres_yx / np.float32(tcfg.view_size)).astype(np.float32))
 
         run_tower_phase("tower pretraining (single views)", tcfg.view_steps, tcfg.view_lr, view_batch,
-                        lambda p, h, b: tm.view_losses(p, h, config, *b),
+                        lambda p, h, b: tm.view_losses(p, h, pre_config, *b),
                         lambda acc, s, t: _tower_record(acc, s, t, "views"))
+        if small:
+            params = {**params, "vision": {**params["vision"], "pos_embed": tm.resize_pos_embed(
+                params["vision"]["pos_embed"], vc.grid)}}
 
     # ---------------------------------------------------------------- phase 1b: whole images, model layout
     if tcfg.tower_steps:
@@ -395,6 +415,9 @@ def _flags():
     flags.DEFINE_integer("view_batch", d.view_batch, "Phase 1a: views per step.")
     flags.DEFINE_float("view_lr", d.view_lr, "Phase 1a: peak learning rate.")
     flags.DEFINE_string("view_preset", d.view_preset, "Phase 1a: ShapesWorld preset.")
+    flags.DEFINE_integer("view_size", d.view_size, "Phase 1a: image size in px (a multiple of the patch size, at "
+                         "most the model's view size; smaller views are cheaper, and the tower's position table is "
+                         "resized to the model's patch grid afterwards).")
     flags.DEFINE_integer("tower_steps", d.tower_steps, "Phase 1b: steps of object-level tower pretraining on whole "
                          "images in the model's layout.")
     flags.DEFINE_integer("tower_batch", d.tower_batch, "Phase 1b: images per step.")
@@ -442,7 +465,7 @@ def main(argv):
     if out_dir.exists() and any(out_dir.iterdir()) and not F.force:
         raise SystemExit(f"--out_dir={out_dir} exists and is not empty; pass --force to replace it")
     tcfg = TrainConfig(seed=F.seed, view_steps=F.view_steps, view_batch=F.view_batch, view_lr=F.view_lr,
-                       view_preset=F.view_preset, tower_steps=F.tower_steps, tower_batch=F.tower_batch, tower_lr=F.tower_lr,
+                       view_preset=F.view_preset, view_size=F.view_size, tower_steps=F.tower_steps, tower_batch=F.tower_batch, tower_lr=F.tower_lr,
                        tower_presets=tuple(F.tower_presets), lm_steps=F.lm_steps, batch_size=F.batch_size, lr=F.lr,
                        warmup_steps=F.warmup_steps, weight_decay=F.weight_decay, min_lr_ratio=F.min_lr_ratio,
                        curriculum=parse_curriculum(F.curriculum), freeze_tower_steps=F.freeze_tower_steps,
