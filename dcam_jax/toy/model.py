@@ -86,7 +86,7 @@ class HostBatch:
       answers: [B, G] int32 answer tokens: caption, <|eot_id|>, then <|endoftext|> padding.
       token_class: [B, G] int32 index into TOKEN_CLASSES per answer token.
       obj_weights_base: [B, M, u, u] float32 fraction of each base-view token covered by object m.
-      obj_weights_hi: [B, M, H, W] float32 the same for the high-res grid.
+      obj_weights_hi: [B, M, H, W] float32 the same for the high-res grid ([B, M, 0, 0] for single-view layouts).
       obj_shape, obj_colour: [B, M] int32 (-1 for padding objects).
       obj_centre: [B, M, 2] float32 centre (y, x) in [0, 1] image coordinates.
       obj_relation: [B, M] int32 index into RELATIONS of the relation the caption states from object m to object
@@ -187,13 +187,12 @@ def make_host_batch(b: shapes.Batch, config: MLLMConfig, tokenizer, processor: p
     H, W = geom.highres_shape
     if H != W:
         raise ValueError(f"expected a square high-res grid for square images, got {geom.highres_shape}")
-    n_obj = b.masks.shape[1]
     return HostBatch(
         pixel_values=pix.astype(np.float32),
         answers=answers,
         token_class=answer_token_classes(answers, tokenizer, config),
         obj_weights_base=area_weights(b.masks, geom.view_side),
-        obj_weights_hi=(area_weights(b.masks, H) if H else np.zeros((len(b.captions), n_obj, 0, 0), np.float32)),
+        obj_weights_hi=(area_weights(b.masks, H) if H else np.zeros(b.masks.shape[:2] + (0, 0), np.float32)),
         obj_shape=b.shapes.astype(np.int32),
         obj_colour=b.colours.astype(np.int32),
         obj_centre=(b.centres_yx / np.float32(b.images.shape[1])).astype(np.float32),
@@ -499,7 +498,8 @@ def object_losses(params: Params, heads: Params, config: MLLMConfig, geometry: p
                   **kw) -> GridOut:
     """Tower pretraining on whole images in the model's layout: :func:`grid_losses` on the base view (with the
     centre, and the caption order and relation when ``obj_relation`` is given: only the base view sees the whole
-    image) and on the high-res grid (without), averaged; the accuracies are [2] (base, high-res).
+    image) and on the high-res grid (without), averaged; the accuracies are [2] (base, high-res). For a single-view
+    layout (no high-res grid) it is the base-view loss alone, with scalar accuracies.
 
     pixel_values: [B, n, S, S, 3]; w_base: [B, M, u, u]; w_hi: [B, M, H, W]; obj_shape, obj_colour: [B, M];
     obj_centre: [B, M, 2].
