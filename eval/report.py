@@ -14,7 +14,9 @@ method and Obj-IoU mode the table gives (averaged over the scored *words*, all i
   ~0; those are counted in the "bg~0" column instead of letting 1e8 ratios dominate,
 - concentration = share of the map's energy on the object (%), pointing game hit rate (%),
 - F3 per image (mean of per-word F3) and F3 of the means (the paper's table convention) (%),
-- Func-IoU (TAM): the share of a function word's map below the answer's mean noun threshold (%).
+- Func-IoU (TAM): the share of a function word's map below the answer's mean noun threshold (%),
+- with ``eval.run --faithfulness``: mean deletion and insertion AUC of the model's log-probability of each object
+  word as image patches are removed / revealed in the order of its map (dcam_jax.cam.faithfulness).
 
 ``matched`` scores a word against the object it names (TAM's protocol); ``max`` takes the best IoU over all
 objects in the image (the Diffusion-CAM authors' code). For ShapesWorld there is also a per word class table
@@ -142,6 +144,31 @@ def _caption_accuracy(examples: Sequence[dict]) -> Optional[dict]:
             "bound_accuracy": sum(c["bound_correct"] for c in evals) / max(objs, 1), "objects": objs}
 
 
+def _faithfulness(recs: Sequence[dict]) -> Optional[dict]:
+    """Means of the per-word deletion / insertion AUCs (log-probability x fraction of the image), or None."""
+    if not recs:
+        return None
+    out = {k: float(np.mean([r[k] for r in recs])) for k in ("deletion_auc", "insertion_auc", "full_score",
+                                                               "baseline_score")}
+    out["insertion_minus_deletion"] = out["insertion_auc"] - out["deletion_auc"]
+    out["n"] = len(recs)
+    return out
+
+
+def faithfulness_table(summary: dict) -> str:
+    """Markdown table of the deletion / insertion AUCs per method (empty string when none were measured)."""
+    rows = [(m, summary["results"][m].get("faithfulness")) for m in summary["methods"]]
+    if not any(f for _, f in rows):
+        return ""
+    lines = ["| Method | words | Deletion AUC (lower is better) | Insertion AUC (higher is better) | "
+             "Insertion - deletion | score of the full image | score of the baseline image |", "|" + "---|" * 7]
+    for m, f in rows:
+        if f:
+            lines.append(f"| {m} | {f['n']} | {f['deletion_auc']:.3f} | {f['insertion_auc']:.3f} | "
+                         f"{f['insertion_minus_deletion']:.3f} | {f['full_score']:.3f} | {f['baseline_score']:.3f} |")
+    return "\n".join(lines)
+
+
 def summarize_run(run: dict) -> dict:
     """The summary of one loaded run (see :func:`load_run`): counts, per-method tables, class breakdown."""
     cfg = run["config"]
@@ -159,6 +186,7 @@ def summarize_run(run: dict) -> dict:
         entry: dict[str, Any] = {}
         for mode in modes:
             entry[mode] = summarize_mode([r[mode] for r in recs if r.get(mode)])
+        entry["faithfulness"] = _faithfulness([r["faithfulness"] for r in recs if r.get("faithfulness")])
         fi = [r["func_iou"] for r in recs if r.get("role") == "function" and r.get("func_iou") is not None]
         entry["func_iou"] = {"n": len(fi), "mean": float(np.mean(fi))} if fi else None
         classes = sorted({r["word_class"] for r in recs if r.get("role") == "object"})
@@ -268,6 +296,11 @@ def markdown(summary: dict) -> str:
             what = ("the object the word names (TAM)" if mode == "matched"
                     else "best IoU over all objects (Diffusion-CAM authors)")
             parts.append(f"### Obj-IoU mode `{mode}`: {what}\n\n{method_table(s, mode)}")
+        ft = faithfulness_table(s)
+        if ft:
+            parts.append("### Faithfulness: deletion and insertion of image patches in map order\n\nScores are the "
+                         "model's log-probability of the word (its positions masked, the rest of the answer given); "
+                         "AUC over the fraction of the image removed (deletion) or revealed (insertion).\n\n" + ft)
         if any(len(s["results"][m]["by_class"]) > 1 for m in s["methods"]) and \
                 all(len(s["results"][m]["by_class"]) <= 8 for m in s["methods"]):
             parts.append(f"### Per word class\n\n{class_table(s)}")

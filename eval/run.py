@@ -114,6 +114,9 @@ class RunConfig:
     plots: bool = True
     grandf_first_rle_only: bool = False
     coco_ids_file: Optional[str] = None
+    faithfulness: bool = False
+    faithfulness_steps: int = 16
+    faithfulness_baseline: str = "mean"
 
     def to_json_dict(self) -> dict:
         """The fields as a JSON-ready dict (tuples as lists)."""
@@ -161,7 +164,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"--refine={cfg.refine!r}; expected one of {rf.PRESET_NAMES}")
     if cfg.attention is not None and cfg.attention not in ("full", "prefix_lm"):
         raise ValueError(f"--attention={cfg.attention!r}; expected 'full' or 'prefix_lm'")
-    for name in ("num_examples", "gen_length", "block_length", "steps", "mesh_model", "cam_batch_size"):
+    if cfg.faithfulness_baseline not in ("mean", "black"):
+        raise ValueError(f"--faithfulness_baseline={cfg.faithfulness_baseline!r}; expected 'mean' or 'black'")
+    for name in ("num_examples", "gen_length", "block_length", "steps", "mesh_model", "cam_batch_size",
+                 "faithfulness_steps"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name}={v} must be >= 1")
@@ -274,6 +280,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool("plots", d.plots, "With --write_report, also write plots/*.png.", **f)
     flags.DEFINE_bool("grandf_first_rle_only", d.grandf_first_rle_only, "Reproduce the authors' GranDf quirk of "
                       "decoding only the first RLE of each object.", **f)
+    flags.DEFINE_bool("faithfulness", d.faithfulness, "Also measure deletion / insertion curves of every object "
+                      "word's map: image patches are removed (or revealed) in the order of the map and the model's "
+                      "log-probability of the word (masked, the rest of the answer given) is tracked. Costs "
+                      "2 x (steps + 1) forward passes per word and method.", **f)
+    flags.DEFINE_integer("faithfulness_steps", d.faithfulness_steps, "Steps of the deletion / insertion curves "
+                         "(patches are one token's image area; at most the number of patches).", **f)
+    flags.DEFINE_enum("faithfulness_baseline", d.faithfulness_baseline, ["mean", "black"], "Fill of removed "
+                      "patches: the image's mean colour or black.", **f)
     flags.DEFINE_string("coco_ids_file", None, "Text file with one COCO image id per line to evaluate (in that "
                         "order) instead of every image in DATA_DIR/image.", **f)
 
@@ -884,6 +898,7 @@ def process_example(ctx: Context, index: int) -> tuple[list[dict], dict, Optiona
     if explain:
         view_hw = pre.layout.shape(pre.layout.default_view)
         unique = list(dict.fromkeys(w.word for w in explain))
+        all_maps: dict[str, np.ndarray] = {}
         for method in cfg.methods:
             cam = ctx.cams[method]
             if cam is None:
@@ -902,14 +917,40 @@ def process_example(ctx: Context, index: int) -> tuple[list[dict], dict, Optiona
                 maps = np.stack([e.maps[by_pos[tuple(w.positions)]] for w in explain])
                 scores = [float(e.scores[by_pos[tuple(w.positions)]]) for w in explain]
             records.extend(_score_method(method, maps, scores, item, explain, cfg))
+            all_maps[method] = maps
             if saved is not None:
                 saved["maps"][method] = maps.astype(np.float16)
+        if cfg.faithfulness:
+            _add_faithfulness(model, item, pre, gen, explain, all_maps, records, cfg)
         if saved is not None:
             saved["words"] = [w.word for w in explain]
             saved["roles"] = [w.role for w in explain]
             saved["status"] = [w.status for w in explain]
     example["seconds"] = round(time.time() - t0, 3)
     return records, example, saved
+
+
+def _add_faithfulness(model, item: Item, pre, gen: CachedGeneration, explain: Sequence[WordInfo],
+                      all_maps: dict, records: list[dict], cfg: RunConfig) -> None:
+    """Deletion / insertion AUCs of every object word's map (all methods scored on the same perturbations' scorer).
+
+    Adds to each object word record ``faithfulness``: {deletion_auc, insertion_auc, full_score, baseline_score}
+    (log-probabilities of the word, its positions masked; see dcam_jax.cam.faithfulness).
+    """
+    from dcam_jax.cam import faithfulness as fa
+
+    by_key = {(r["method"], r["word_index"]): r for r in records}
+    methods = list(all_maps)
+    for j, w in enumerate(explain):
+        if w.role != "object":
+            continue
+        curves = fa.word_faithfulness(model, item.image, pre.prompt_ids, gen.tokens, w.positions,
+                                      np.stack([all_maps[m][j] for m in methods]), num_steps=cfg.faithfulness_steps,
+                                      baseline=cfg.faithfulness_baseline)
+        for m, c in zip(methods, curves):
+            by_key[(m, w.index)]["faithfulness"] = {
+                "deletion_auc": float(c.deletion_auc), "insertion_auc": float(c.insertion_auc),
+                "full_score": float(c.deletion[0]), "baseline_score": float(c.insertion[0])}
 
 
 def _counts(infos: Sequence[WordInfo]) -> dict:

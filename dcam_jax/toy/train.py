@@ -222,6 +222,10 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
 
     if config.attention != tcfg.attention:
         config = config.replace(attention=tcfg.attention)
+    vc = config.vision
+    if tcfg.view_steps and (tcfg.view_size > vc.image_size or tcfg.view_size % vc.patch_size):
+        raise ValueError(f"TrainConfig.view_size={tcfg.view_size} must be a multiple of the patch size "
+                         f"{vc.patch_size} and at most the model's view size {vc.image_size}")
     processor = pimg.ImageProcessor(config)
     geometry = tm.toy_geometry(config)
     ids = tm.prompt_ids(config, tokenizer)
@@ -280,9 +284,6 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
     # ---------------------------------------------------------------- phase 1a: single views
     if tcfg.view_steps:
         vc = config.vision
-        if tcfg.view_size > vc.image_size or tcfg.view_size % vc.patch_size:
-            raise ValueError(f"TrainConfig.view_size={tcfg.view_size} must be a multiple of the patch size "
-                             f"{vc.patch_size} and at most the model's view size {vc.image_size}")
         small = tcfg.view_size != vc.image_size
         pre_config = (config.replace(vision=dataclasses.replace(vc, image_size=tcfg.view_size)) if small
                       else config)

@@ -186,6 +186,49 @@ def test_run_resume_report(tiny, tmp_path, count_calls):
             assert im.size[0] > 100 and im.size[1] > 100
 
 
+def test_faithfulness_records_and_report(tiny, tmp_path):
+    from dcam_jax import metrics
+    from dcam_jax.cam import faithfulness as fa
+
+    model, _ = tiny
+    out = tmp_path / "faith"
+    R.run(_cfg(out, num_examples=2, faithfulness=True, faithfulness_steps=4), model=model)
+    recs = _lines(out / "records-00000-of-00001.jsonl")
+    words = [r for r in recs if r["type"] == "word"]
+    objs = [r for r in words if r["role"] == "object"]
+    assert objs, "no object words: the checks below would be vacuous"
+    assert all("faithfulness" not in r for r in words if r["role"] != "object")
+    by_word = {}
+    for r in objs:
+        f = r["faithfulness"]
+        assert all(np.isfinite(v) for v in f.values())
+        by_word.setdefault((r["example"], r["word_index"]), []).append((r["method"], f))
+    for (ex_i, wi), fs in by_word.items():  # one scorer per word: same end points for every method
+        assert len({round(f["full_score"], 5) for _, f in fs}) == 1
+        assert len({round(f["baseline_score"], 5) for _, f in fs}) == 1
+    # the uniform map deletes patches in raster order: recompute its curve directly
+    (ex_i, wi), fs = next(iter(by_word.items()))
+    example = next(r for r in recs if r["type"] == "example" and r["example"] == ex_i)
+    item = R.ShapesSource(_cfg(out)).item(ex_i)
+    pre = api.prepare(model, item.image, item.prompt)
+    w = next(r for r in objs if r["example"] == ex_i and r["word_index"] == wi and r["method"] == "uniform")
+    tokens = np.asarray(model.tokenizer(example["answer"]).input_ids, np.int32)
+    assert len(tokens) == GEN
+    score = fa.word_scorer(model, pre.prompt_ids, tokens, w["positions"], image_shape=item.image.shape[:2])
+    v = model.config.vision
+    want = metrics.deletion_insertion_curves(score, item.image, np.ones((4, 4)), num_steps=4,
+                                             patch=round(64 * v.patch_size / v.image_size),
+                                             baseline=fa.baseline_image(item.image, "mean"))
+    assert w["faithfulness"]["deletion_auc"] == pytest.approx(want.deletion_auc, abs=1e-4)
+    assert w["faithfulness"]["insertion_auc"] == pytest.approx(want.insertion_auc, abs=1e-4)
+    s = json.loads((out / "summary.json").read_text())["runs"][0]
+    for m in ("diffusion_cam", "gradcam", "uniform"):
+        vals = [r["faithfulness"]["deletion_auc"] for r in objs if r["method"] == m]
+        assert s["results"][m]["faithfulness"]["n"] == len(vals)
+        assert s["results"][m]["faithfulness"]["deletion_auc"] == pytest.approx(np.mean(vals))
+    assert "Deletion AUC" in (out / "summary.md").read_text()
+
+
 def test_resume_guards(tiny, tmp_path):
     model, _ = tiny
     out = tmp_path / "run"
@@ -390,6 +433,8 @@ def test_bad_flags_give_clear_errors(tiny, tmp_path):
         (dict(split="dev"), "--split"),
         (dict(refine="fancy"), "--refine"),
         (dict(out_dir=""), "--out_dir is required"),
+        (dict(faithfulness_baseline="grey"), "--faithfulness_baseline"),
+        (dict(faithfulness_steps=0), "--faithfulness_steps"),
     ]
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):

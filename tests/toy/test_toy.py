@@ -333,6 +333,15 @@ def test_curriculum_parsing():
         ttrain.TrainConfig(curriculum=(("easy", 0, 99),))
 
 
+@pytest.mark.parametrize("view_size", [36, 128])
+def test_view_size_is_checked_before_any_work(tok, view_size, monkeypatch):
+    cfg = tiny_config()  # 64 px views, 8 px patches: 36 is not a multiple of the patch, 128 is larger than a view
+    monkeypatch.setattr(tm, "init_toy_params", lambda *a, **k: pytest.fail("initialised before validating"))
+    with pytest.raises(ValueError, match=f"view_size={view_size} must be a multiple of the patch size 8 and at "
+                                         "most the model's view size 64"):
+        ttrain.train(ttrain.TrainConfig(view_size=view_size), cfg, tok, progress=False)
+
+
 def test_training_smoke_loss_decreases(tok):
     cfg = tiny_config()
     tcfg = ttrain.TrainConfig(view_steps=3, view_batch=4, tower_steps=3, tower_batch=4, tower_presets=("easy",),
