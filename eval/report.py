@@ -23,7 +23,8 @@ objects in the image (the Diffusion-CAM authors' code). For ShapesWorld there is
 (colour / shape / size), the hallucination counts and the caption accuracy of the model.
 
 Writes into the run directory (or ``--out_dir``): ``summary.json``, ``summary.md``, ``plots/metrics.png`` (a bar
-per method and metric) and ``plots/examples_{method}.png`` (overlays of the saved example maps).
+per method and metric), ``plots/examples_{method}.png`` (overlays of the saved example maps) and, with
+faithfulness measured, ``plots/faithfulness.png`` (mean deletion and insertion curves per method).
 """
 
 from __future__ import annotations
@@ -152,6 +153,13 @@ def _faithfulness(recs: Sequence[dict]) -> Optional[dict]:
                                                                "baseline_score")}
     out["insertion_minus_deletion"] = out["insertion_auc"] - out["deletion_auc"]
     out["n"] = len(recs)
+    if all("deletion" in r for r in recs):  # mean curves on a common grid of fractions (image sizes may differ)
+        steps = max(len(r["fractions"]) for r in recs)
+        grid = np.linspace(0.0, 1.0, steps)
+        out["curve_fractions"] = [float(v) for v in grid]
+        for k in ("deletion", "insertion"):
+            out[f"mean_{k}_curve"] = [float(v) for v in np.mean(
+                [np.interp(grid, r["fractions"], r[k]) for r in recs], axis=0)]
     return out
 
 
@@ -423,6 +431,33 @@ def plot_examples(run_dir: Path, method: str, path: Path, *, max_examples: int =
     return path
 
 
+def plot_faithfulness(summary: dict, path: Path) -> Optional[Path]:
+    """Mean deletion and insertion curves per method (first run of ``summary``); None when not measured."""
+    s = summary["runs"][0]
+    rows = [(m, s["results"][m].get("faithfulness")) for m in s["methods"]]
+    rows = [(m, f) for m, f in rows if f and "mean_deletion_curve" in f]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for m, f in rows:
+        x = f["curve_fractions"]
+        axes[0].plot(x, f["mean_deletion_curve"], label=f"{m} (AUC {f['deletion_auc']:.2f})")
+        axes[1].plot(x, f["mean_insertion_curve"], label=f"{m} (AUC {f['insertion_auc']:.2f})")
+    for ax, title in zip(axes, ("deletion: most salient patches removed first (lower is better)",
+                                "insertion: most salient patches revealed first (higher is better)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("fraction of the image")
+        ax.set_ylabel("mean log p(word)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_outputs(out_dir: str | Path, summary: dict, *, plots: bool = True) -> list[Path]:
     """Write summary.json, summary.md and (optionally) plots into ``out_dir``. Returns the written paths."""
     out = Path(out_dir)
@@ -436,6 +471,9 @@ def write_outputs(out_dir: str | Path, summary: dict, *, plots: bool = True) -> 
     written.append(p)
     if plots:
         written.append(plot_metrics(summary, out / "plots" / "metrics.png"))
+        q = plot_faithfulness(summary, out / "plots" / "faithfulness.png")
+        if q is not None:
+            written.append(q)
         for s in summary["runs"]:
             for m in s["methods"]:
                 tag = f"{Path(s['run_dir']).name}_{m}" if len(summary["runs"]) > 1 else m

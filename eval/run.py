@@ -934,8 +934,9 @@ def _add_faithfulness(model, item: Item, pre, gen: CachedGeneration, explain: Se
                       all_maps: dict, records: list[dict], cfg: RunConfig) -> None:
     """Deletion / insertion AUCs of every object word's map (all methods scored on the same perturbations' scorer).
 
-    Adds to each object word record ``faithfulness``: {deletion_auc, insertion_auc, full_score, baseline_score}
-    (log-probabilities of the word, its positions masked; see dcam_jax.cam.faithfulness).
+    Adds to each object word record ``faithfulness``: {deletion_auc, insertion_auc, full_score, baseline_score,
+    fractions, deletion, insertion} (log-probabilities of the word, its positions masked, and the two curves over
+    the fraction of the image perturbed; see dcam_jax.cam.faithfulness).
     """
     from dcam_jax.cam import faithfulness as fa
 
@@ -950,7 +951,10 @@ def _add_faithfulness(model, item: Item, pre, gen: CachedGeneration, explain: Se
         for m, c in zip(methods, curves):
             by_key[(m, w.index)]["faithfulness"] = {
                 "deletion_auc": float(c.deletion_auc), "insertion_auc": float(c.insertion_auc),
-                "full_score": float(c.deletion[0]), "baseline_score": float(c.insertion[0])}
+                "full_score": float(c.deletion[0]), "baseline_score": float(c.insertion[0]),
+                "fractions": [round(float(v), 5) for v in c.fractions],
+                "deletion": [round(float(v), 5) for v in c.deletion],
+                "insertion": [round(float(v), 5) for v in c.insertion]}
 
 
 def _counts(infos: Sequence[WordInfo]) -> dict:

@@ -201,7 +201,7 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
     by_word = {}
     for r in objs:
         f = r["faithfulness"]
-        assert all(np.isfinite(v) for v in f.values())
+        assert all(np.all(np.isfinite(v)) for v in f.values())
         by_word.setdefault((r["example"], r["word_index"]), []).append((r["method"], f))
     for (ex_i, wi), fs in by_word.items():  # one scorer per word: same end points for every method
         assert len({round(f["full_score"], 5) for _, f in fs}) == 1
@@ -227,6 +227,18 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
         assert s["results"][m]["faithfulness"]["n"] == len(vals)
         assert s["results"][m]["faithfulness"]["deletion_auc"] == pytest.approx(np.mean(vals))
     assert "Deletion AUC" in (out / "summary.md").read_text()
+    # stored curves: their trapezoid areas are the AUCs, and the summary's mean curve is their mean
+    for r in objs:
+        f = r["faithfulness"]
+        assert np.trapezoid(f["deletion"], f["fractions"]) == pytest.approx(f["deletion_auc"], abs=1e-3)
+        assert f["deletion"][0] == pytest.approx(f["full_score"], abs=1e-4)
+    fs = s["results"]["gradcam"]["faithfulness"]
+    curves = [r["faithfulness"]["insertion"] for r in objs if r["method"] == "gradcam"]
+    np.testing.assert_allclose(fs["mean_insertion_curve"], np.mean(curves, axis=0), atol=1e-6)
+    written = report.write_outputs(tmp_path / "rep", report.build_summary([out]))
+    png = next(p for p in written if p.name == "faithfulness.png")
+    with Image.open(png) as im:
+        assert im.size[0] > 300
 
 
 def test_resume_guards(tiny, tmp_path):
