@@ -87,6 +87,7 @@ class RunConfig:
     score: Optional[str] = None
     attention: Optional[str] = None
     aggregation: Optional[str] = None
+    contrast: Optional[str] = None
     num_noise_samples: Optional[int] = None
     overrides_apply_to: tuple[str, ...] = ()
     targets: str = "content"
@@ -162,6 +163,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         from dcam_jax.cam import refine as rf
         if cfg.refine not in rf.PRESET_NAMES:
             raise ValueError(f"--refine={cfg.refine!r}; expected one of {rf.PRESET_NAMES}")
+    if cfg.contrast is not None and cfg.contrast not in ("none", "runner_up") and not cfg.contrast.isdigit():
+        raise ValueError(f"--contrast={cfg.contrast!r}; expected none, runner_up or an answer position (an int)")
     if cfg.attention is not None and cfg.attention not in ("full", "prefix_lm"):
         raise ValueError(f"--attention={cfg.attention!r}; expected 'full' or 'prefix_lm'")
     if cfg.faithfulness_baseline not in ("mean", "black"):
@@ -239,6 +242,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "methods: gradcam (channel weights = mean gradient over the image grid; the SPEC's "
                         "Diffusion-CAM) | hirescam (per-token sum of gradient x activation) | layercam | "
                         "channel_relu_mean | gradcam_pp (default: the method's).", **f)
+    flags.DEFINE_string("contrast", None, "Contrastive score for gradient methods: none | runner_up (minus the "
+                        "score of the runner-up token at the same position) | an answer position whose token's "
+                        "score is subtracted (default: the method's, none).", **f)
     flags.DEFINE_integer("num_noise_samples", None, "Probe states per token for --probe=noise.", **f)
     flags.DEFINE_list("overrides_apply_to", [], "Methods that --layer/--probe/--refine/--score/--attention/"
                       "--aggregation/--num_noise_samples apply to (default: every gradient method in --methods; never tam, "
@@ -791,6 +797,8 @@ def cam_config_for(method: str, cfg: RunConfig):
         for name in ("layer", "probe", "refine", "score", "attention", "aggregation"):
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
+        if cfg.contrast is not None:
+            kw["contrast"] = int(cfg.contrast) if cfg.contrast.lstrip("-").isdigit() else cfg.contrast
         if cfg.num_noise_samples is not None:
             kw["num_noise_samples"] = cfg.num_noise_samples
     return ex.CamConfig(**kw)

@@ -425,6 +425,11 @@ def test_flags_parse_and_replace():
     assert R.cam_config_for("diffusion_cam", c3).aggregation == "hirescam"
     assert R.cam_config_for("tam", c3).aggregation is None
     assert R.cam_config_for("diffusion_cam", cfg).aggregation is None
+    # --contrast: a name or an answer position
+    c4 = R.replace_config(cfg, {"contrast": "runner_up"})
+    assert R.cam_config_for("diffusion_cam", c4).contrast == "runner_up"
+    assert R.cam_config_for("diffusion_cam", R.replace_config(cfg, {"contrast": "3"})).contrast == 3
+    assert R.cam_config_for("diffusion_cam", cfg).contrast is None
     with pytest.raises(ValueError, match="expected an integer"):
         R.replace_config(cfg, {"layer": "two"})
     with pytest.raises(ValueError, match="unknown run flag"):
@@ -447,6 +452,7 @@ def test_bad_flags_give_clear_errors(tiny, tmp_path):
         (dict(out_dir=""), "--out_dir is required"),
         (dict(faithfulness_baseline="grey"), "--faithfulness_baseline"),
         (dict(faithfulness_steps=0), "--faithfulness_steps"),
+        (dict(contrast="second"), "--contrast"),
     ]
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
