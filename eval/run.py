@@ -88,6 +88,7 @@ class RunConfig:
     attention: Optional[str] = None
     aggregation: Optional[str] = None
     contrast: Optional[str] = None
+    hook: Optional[str] = None
     num_noise_samples: Optional[int] = None
     overrides_apply_to: tuple[str, ...] = ()
     targets: str = "content"
@@ -163,6 +164,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         from dcam_jax.cam import refine as rf
         if cfg.refine not in rf.PRESET_NAMES:
             raise ValueError(f"--refine={cfg.refine!r}; expected one of {rf.PRESET_NAMES}")
+    if cfg.hook is not None and cfg.hook not in ("residual", "post_attn_norm"):
+        raise ValueError(f"--hook={cfg.hook!r}; expected residual or post_attn_norm")
     if cfg.contrast is not None and cfg.contrast not in ("none", "runner_up") and not cfg.contrast.isdigit():
         raise ValueError(f"--contrast={cfg.contrast!r}; expected none, runner_up or an answer position (an int)")
     if cfg.attention is not None and cfg.attention not in ("full", "prefix_lm"):
@@ -245,6 +248,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("contrast", None, "Contrastive score for gradient methods: none | runner_up (minus the "
                         "score of the runner-up token at the same position) | an answer position whose token's "
                         "score is subtracted (default: the method's, none).", **f)
+    flags.DEFINE_string("hook", None, "Hooked activation for gradient methods: residual (the output of block L, "
+                        "the SPEC's A) | post_attn_norm (the MLP input of block L after its RMSNorm, LLaVA-CAM's) "
+                        "(default: the method's).", **f)
     flags.DEFINE_integer("num_noise_samples", None, "Probe states per token for --probe=noise.", **f)
     flags.DEFINE_list("overrides_apply_to", [], "Methods that --layer/--probe/--refine/--score/--attention/"
                       "--aggregation/--num_noise_samples apply to (default: every gradient method in --methods; never tam, "
@@ -794,7 +800,7 @@ def cam_config_for(method: str, cfg: RunConfig):
     kw: dict[str, Any] = {"method": method, "batch_size": cfg.cam_batch_size}
     applies = method != "tam" and (not cfg.overrides_apply_to or method in cfg.overrides_apply_to)
     if applies:
-        for name in ("layer", "probe", "refine", "score", "attention", "aggregation"):
+        for name in ("layer", "probe", "refine", "score", "attention", "aggregation", "hook"):
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
         if cfg.contrast is not None:

@@ -430,6 +430,8 @@ def test_flags_parse_and_replace():
     assert R.cam_config_for("diffusion_cam", c4).contrast == "runner_up"
     assert R.cam_config_for("diffusion_cam", R.replace_config(cfg, {"contrast": "3"})).contrast == 3
     assert R.cam_config_for("diffusion_cam", cfg).contrast is None
+    assert R.cam_config_for("diffusion_cam", R.replace_config(cfg, {"hook": "post_attn_norm"})).hook == \
+        "post_attn_norm"
     with pytest.raises(ValueError, match="expected an integer"):
         R.replace_config(cfg, {"layer": "two"})
     with pytest.raises(ValueError, match="unknown run flag"):
@@ -453,6 +455,7 @@ def test_bad_flags_give_clear_errors(tiny, tmp_path):
         (dict(faithfulness_baseline="grey"), "--faithfulness_baseline"),
         (dict(faithfulness_steps=0), "--faithfulness_steps"),
         (dict(contrast="second"), "--contrast"),
+        (dict(hook="mlp"), "--hook"),
     ]
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
