@@ -119,6 +119,7 @@ class RunConfig:
     faithfulness: bool = False
     faithfulness_steps: int = 16
     faithfulness_baseline: str = "mean"
+    faithfulness_batch_size: Optional[int] = None
 
     def to_json_dict(self) -> dict:
         """The fields as a JSON-ready dict (tuples as lists)."""
@@ -173,7 +174,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.faithfulness_baseline not in ("mean", "black"):
         raise ValueError(f"--faithfulness_baseline={cfg.faithfulness_baseline!r}; expected 'mean' or 'black'")
     for name in ("num_examples", "gen_length", "block_length", "steps", "mesh_model", "cam_batch_size",
-                 "faithfulness_steps"):
+                 "faithfulness_steps", "faithfulness_batch_size"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name}={v} must be >= 1")
@@ -253,8 +254,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "(default: the method's).", **f)
     flags.DEFINE_integer("num_noise_samples", None, "Probe states per token for --probe=noise.", **f)
     flags.DEFINE_list("overrides_apply_to", [], "Methods that --layer/--probe/--refine/--score/--attention/"
-                      "--aggregation/--num_noise_samples apply to (default: every gradient method in --methods; never tam, "
-                      "uniform, random).", **f)
+                      "--aggregation/--contrast/--hook/--num_noise_samples apply to (default: every gradient method "
+                      "in --methods; never tam, uniform, random).", **f)
     flags.DEFINE_enum("targets", d.targets, ["content", "all"], "content: explain object words (and function "
                       "words for Func-IoU); all: also every other word (recorded, not scored).", **f)
     flags.DEFINE_bool("func_iou", d.func_iou, "Explain function words and report TAM's Func-IoU.", **f)
@@ -300,6 +301,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                          "(patches are one token's image area; at most the number of patches).", **f)
     flags.DEFINE_enum("faithfulness_baseline", d.faithfulness_baseline, ["mean", "black"], "Fill of removed "
                       "patches: the image's mean colour or black.", **f)
+    flags.DEFINE_integer("faithfulness_batch_size", None, "Perturbed images per forward pass (memory bound; "
+                         "default: all 2 x (steps + 1) of a map at once, fine for the toy, too many for 8B models).",
+                         **f)
     flags.DEFINE_string("coco_ids_file", None, "Text file with one COCO image id per line to evaluate (in that "
                         "order) instead of every image in DATA_DIR/image.", **f)
 
@@ -804,7 +808,7 @@ def cam_config_for(method: str, cfg: RunConfig):
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
         if cfg.contrast is not None:
-            kw["contrast"] = int(cfg.contrast) if cfg.contrast.lstrip("-").isdigit() else cfg.contrast
+            kw["contrast"] = int(cfg.contrast) if cfg.contrast.isdigit() else cfg.contrast
         if cfg.num_noise_samples is not None:
             kw["num_noise_samples"] = cfg.num_noise_samples
     return ex.CamConfig(**kw)
@@ -961,7 +965,8 @@ def _add_faithfulness(model, item: Item, pre, gen: CachedGeneration, explain: Se
             continue
         curves = fa.word_faithfulness(model, item.image, pre.prompt_ids, gen.tokens, w.positions,
                                       np.stack([all_maps[m][j] for m in methods]), num_steps=cfg.faithfulness_steps,
-                                      baseline=cfg.faithfulness_baseline)
+                                      baseline=cfg.faithfulness_baseline,
+                                      batch_size=cfg.faithfulness_batch_size)
         for m, c in zip(methods, curves):
             by_key[(m, w.index)]["faithfulness"] = {
                 "deletion_auc": float(c.deletion_auc), "insertion_auc": float(c.insertion_auc),

@@ -192,7 +192,7 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
 
     model, _ = tiny
     out = tmp_path / "faith"
-    R.run(_cfg(out, num_examples=2, faithfulness=True, faithfulness_steps=4), model=model)
+    R.run(_cfg(out, num_examples=2, faithfulness=True, faithfulness_steps=4, faithfulness_batch_size=3), model=model)
     recs = _lines(out / "records-00000-of-00001.jsonl")
     words = [r for r in recs if r["type"] == "word"]
     objs = [r for r in words if r["role"] == "object"]
@@ -454,6 +454,7 @@ def test_bad_flags_give_clear_errors(tiny, tmp_path):
         (dict(out_dir=""), "--out_dir is required"),
         (dict(faithfulness_baseline="grey"), "--faithfulness_baseline"),
         (dict(faithfulness_steps=0), "--faithfulness_steps"),
+        (dict(faithfulness_batch_size=0), "--faithfulness_batch_size"),
         (dict(contrast="second"), "--contrast"),
         (dict(hook="mlp"), "--hook"),
     ]
