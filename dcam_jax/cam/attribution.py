@@ -23,6 +23,7 @@ Weights optionally use ReLU(G) first (``grad_relu``, the authors' code and LLaVA
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -148,6 +149,20 @@ def _lower_upper(lm: Params, cfg, spec: GradSpec, h0: jax.Array, positions, bias
     return A, upper
 
 
+def _forward_split(lm: Params, cfg, spec: GradSpec, prompt_embeds: jax.Array, state: jax.Array):
+    """Forward [prompt | state] split at the hook: (A [1, T, D], final hidden hN [1, T, D], vjp of hN wrt A)."""
+    P = prompt_embeds.shape[0]
+    ans_emb = llada.embed_tokens(lm, cfg, state[None])
+    h0 = jnp.concatenate([prompt_embeds.astype(ans_emb.dtype)[None], ans_emb], axis=1)
+    T = h0.shape[1]
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    bias = llada.attention_bias(jnp.arange(T), T, attention=spec.attention,
+                                prefix_len=P if spec.attention == "prefix_lm" else None)
+    A, upper = _lower_upper(lm, cfg, spec, h0, positions, bias)
+    hN, vjp_fn = jax.vjp(upper, A)
+    return A, hN, vjp_fn
+
+
 def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, P: int, answer: jax.Array, answer_valid: jax.Array,
            pos, tok, cpos, ctok):
     """Scalar score of one target from the final hidden state hN [1, T, D] (float32)."""
@@ -191,17 +206,8 @@ def state_maps(params: Params, config: MLLMConfig, spec: GradSpec, prompt_embeds
     answer_valid: [G] bool, real answer tokens (for "sum_logits"); target_pos/target_tok/contrast_pos/contrast_tok:
     [Tg] int. Returns (maps [Tg, H, W] float32, not normalised; scores [Tg] float32).
     """
-    lm = params["lm"]
-    cfg = config.lm
-    P = prompt_embeds.shape[0]
-    ans_emb = llada.embed_tokens(lm, cfg, state[None])
-    h0 = jnp.concatenate([prompt_embeds.astype(ans_emb.dtype)[None], ans_emb], axis=1)
-    T = h0.shape[1]
-    positions = jnp.arange(T, dtype=jnp.int32)[None]
-    bias = llada.attention_bias(jnp.arange(T), T, attention=spec.attention,
-                                prefix_len=P if spec.attention == "prefix_lm" else None)
-    A, upper = _lower_upper(lm, cfg, spec, h0, positions, bias)
-    hN, vjp_fn = jax.vjp(upper, A)
+    lm, cfg, P = params["lm"], config.lm, prompt_embeds.shape[0]
+    A, hN, vjp_fn = _forward_split(lm, cfg, spec, prompt_embeds, state)
 
     def one_target(pos, tok, cpos, ctok):
         score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), P, answer, answer_valid,
@@ -211,6 +217,35 @@ def state_maps(params: Params, config: MLLMConfig, spec: GradSpec, prompt_embeds
         return aggregate(A[0][image_positions], G[0][image_positions], spec.aggregation, spec.grad_relu), s
 
     return jax.vmap(one_target)(target_pos, target_tok, contrast_pos, contrast_tok)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def grad_activation_alignment(params: Params, config: MLLMConfig, spec: GradSpec, prompt_embeds: jax.Array,
+                              image_positions: jax.Array, state: jax.Array, answer: jax.Array,
+                              target_pos: jax.Array, target_tok: jax.Array):
+    """How the score's gradient at each image token relates to that token's hooked activation (a diagnostic).
+
+    Channel-weighted Grad-CAM needs a token's activation A_i to carry the direction the score's gradient G_i
+    points to; when the upper network reads A only through RMSNorm, which is blind to each token's scale, G_i is
+    orthogonal to A_i and the channel-weighted map loses the object's own terms. Same inputs as
+    :func:`state_maps` (``spec.score`` / ``spec.attention`` / ``spec.hook`` / ``spec.layer`` are used; no
+    contrast). Returns (cos [Tg, H, W] = G_i . A_i / (|G_i| |A_i|), gnorm [Tg, H, W] = |G_i|), float32.
+    """
+    lm, cfg, P = params["lm"], config.lm, prompt_embeds.shape[0]
+    A, hN, vjp_fn = _forward_split(lm, cfg, spec, prompt_embeds, state)
+    valid = jnp.ones(answer.shape, bool)
+    a = A[0][image_positions].astype(jnp.float32)
+
+    def one_target(pos, tok):
+        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), P, answer, valid, pos, tok, pos, tok)
+        cot = jax.grad(score_fn)(hN)
+        (G,) = vjp_fn(cot.astype(hN.dtype))
+        g = G[0][image_positions].astype(jnp.float32)
+        gn, an = jnp.linalg.norm(g, axis=-1), jnp.linalg.norm(a, axis=-1)
+        den = gn * an
+        return jnp.where(den > 0, jnp.sum(g * a, -1) / jnp.where(den > 0, den, 1.0), 0.0), gn
+
+    return jax.vmap(one_target)(target_pos, target_tok)
 
 
 def _batched_state_maps(params, config, spec, batch_size, prompt_embeds, image_positions, states, answer,

@@ -241,6 +241,25 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
         assert im.size[0] > 300
 
 
+def test_alignment_measure_and_table(tiny):
+    """eval.alignment end to end on the tiny model (the gradient-activation identity itself is checked against
+    finite differences in tests/cam/test_alignment.py)."""
+    from eval import alignment
+
+    model, _ = tiny
+    source = R.ShapesSource(_cfg("unused"))
+    res = alignment.measure(model, source, range(2), [0, 1], max_words=3)
+    assert len(res[0]) == len(res[1]) > 0
+    for L in (0, 1):
+        for r in res[L]:
+            assert 0.0 <= r["median_abs_cos"] <= 1.0 and 0.0 <= r["weighted_abs_cos"] <= 1.0
+            assert r["example"] in (0, 1) and r["word"] in shapes.WORD_CLASS
+    # above the last block nothing reads the image tokens' state: no gradient, reported as 0
+    assert all(r["median_abs_cos"] == 0.0 and r["weighted_abs_cos"] == 0.0 for r in res[1])
+    lines = alignment.table(res).splitlines()
+    assert lines[2].startswith(f"| 0 | {len(res[0])} |") and lines[3].startswith(f"| 1 | {len(res[1])} |")
+
+
 def test_resume_guards(tiny, tmp_path):
     model, _ = tiny
     out = tmp_path / "run"
@@ -476,7 +495,8 @@ def test_bad_flags_give_clear_errors(tiny, tmp_path):
 
 @pytest.mark.parametrize("module,expect", [("eval.run", ["--checkpoint", "--methods", "--resume", "--metric_mode"]),
                                            ("eval.sweep", ["--grid", "--layer", "--methods"]),
-                                           ("eval.report", ["--run_dirs", "--out_dir"])])
+                                           ("eval.report", ["--run_dirs", "--out_dir"]),
+                                           ("eval.alignment", ["--layers", "--checkpoint", "--out_json"])])
 def test_help(module, expect):
     p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
