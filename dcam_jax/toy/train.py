@@ -211,13 +211,20 @@ def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, min_
 
 
 def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[dict], None] | None = None,
-          progress: bool = True, log_every: int = 25, params: Params | None = None) -> tuple[Params, list[dict]]:
+          progress: bool = True, log_every: int = 25, params: Params | None = None,
+          init_parts: str = "all") -> tuple[Params, list[dict]]:
     """Run both phases. Returns (model params, history of logged records).
 
     config: the model config (``tm.toy_config()`` or a smaller one for tests); tokenizer: the toy tokenizer.
     log: called with each logged record (dict) every ``log_every`` steps; progress: show tqdm bars.
     params: start from these model params instead of a fresh initialisation.
+    init_parts: with ``params``, "all" starts from all of them; "tower" takes only the vision tower and the
+      projector from ``params`` and initialises everything else (LM, image_newline) exactly as a fresh run with
+      this seed would, so "--view_steps=0 --tower_steps=0" on a checkpoint of the same recipe repeats its
+      captioning phase alone.
     """
+    if init_parts not in ("all", "tower"):
+        raise ValueError(f"init_parts={init_parts!r}, expected 'all' or 'tower'")
     from tqdm.auto import tqdm
 
     if config.attention != tcfg.attention:
@@ -233,6 +240,8 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
     k_init, k_heads, k_train = jax.random.split(key, 3)
     if params is None:
         params = tm.init_toy_params(k_init, config)
+    elif init_parts == "tower":
+        params = {**tm.init_toy_params(k_init, config), "vision": params["vision"], "projector": params["projector"]}
     history: list[dict] = []
 
     def emit(rec):
@@ -448,6 +457,9 @@ def _flags():
     flags.DEFINE_string("init_checkpoint", None, "Start from this checkpoint's parameters instead of a fresh "
                         "initialisation (e.g. more captioning with --view_steps=0 --tower_steps=0); its config must "
                         "equal the one being trained.")
+    flags.DEFINE_enum("init_parts", "all", ["all", "tower"], "With --init_checkpoint: start from all its parameters, "
+                      "or only from its vision tower and projector (fresh LM: repeats the captioning phase of its "
+                      "recipe with --view_steps=0 --tower_steps=0).")
     flags.DEFINE_integer("log_every", 25, "Log learning curves every this many steps.")
     flags.DEFINE_string("log_jsonl", None, "Also write the learning-curve records to this JSON-lines file.")
     flags.DEFINE_integer("eval_examples", 0, "After training, caption accuracy on this many validation examples.")
@@ -481,7 +493,14 @@ def main(argv):
         from dcam_jax import checkpoint as ckpt
 
         init_config, init, _ = ckpt.load_checkpoint(F.init_checkpoint)
-        if init_config != config.replace(attention=tcfg.attention):
+        if F.init_parts == "tower":
+            # only the tower and projector are taken: those must match, the LM may differ (e.g. a deeper one)
+            if (init_config.vision != config.vision
+                    or init_config.lm.d_model != config.lm.d_model):
+                raise SystemExit(f"--init_checkpoint={F.init_checkpoint} has a different vision tower or projector "
+                                 "than the model being trained; with --init_parts=tower they must be equal (the LM "
+                                 "may differ)")
+        elif init_config != config.replace(attention=tcfg.attention):
             raise SystemExit(f"--init_checkpoint={F.init_checkpoint} has a different model config than the one "
                              "being trained; pass the same --attention / --config_override as when it was trained")
     with tempfile.TemporaryDirectory() as tmp:
@@ -500,13 +519,13 @@ def main(argv):
         t0 = time.time()
         try:
             params, history = train(tcfg, config, tokenizer, log=log, progress=F.progress, log_every=F.log_every,
-                                    params=init)
+                                    params=init, init_parts=F.init_parts)
         finally:
             if log_file:
                 log_file.close()
         wall = time.time() - t0
         info = {"trained_by": "python -m dcam_jax.toy.train", "train_config": dataclasses.asdict(tcfg),
-                "init_checkpoint": F.init_checkpoint,
+                "init_checkpoint": F.init_checkpoint, "init_parts": F.init_parts if F.init_checkpoint else None,
                 "train_wall_time_s": round(wall, 1),
                 "final": _json_safe(history[-1]) if history else None}
         if F.eval_examples:

@@ -376,6 +376,21 @@ def test_training_smoke_loss_decreases(tok):
     assert not np.allclose(params["vision"]["pos_embed"], init["vision"]["pos_embed"])
 
 
+def test_init_parts_tower_keeps_tower_and_projector_and_reinitialises_the_rest(tok):
+    cfg = tiny_config()
+    other = tm.init_toy_params(jax.random.key(11), cfg)
+    tcfg = ttrain.TrainConfig(view_steps=0, tower_steps=0, lm_steps=0)
+    fresh, _ = ttrain.train(tcfg, cfg, tok, progress=False)
+    mixed, _ = ttrain.train(tcfg, cfg, tok, progress=False, params=other, init_parts="tower")
+    for part in ("vision", "projector"):
+        jax.tree.map(np.testing.assert_array_equal, mixed[part], other[part])
+    for part in set(fresh) - {"vision", "projector"}:
+        jax.tree.map(np.testing.assert_array_equal, mixed[part], fresh[part])
+    assert not np.allclose(fresh["lm"]["embed"], other["lm"]["embed"])
+    with pytest.raises(ValueError, match="init_parts"):
+        ttrain.train(tcfg, cfg, tok, progress=False, params=other, init_parts="lm")
+
+
 TINY_OVERRIDES = ["--config_override=lm.d_model=32", "--config_override=lm.n_layers=1",
                   "--config_override=lm.n_heads=2", "--config_override=lm.n_kv_heads=2",
                   "--config_override=lm.head_dim=16", "--config_override=lm.mlp_hidden=48",
@@ -421,6 +436,21 @@ def test_train_cli_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     _, params2, _ = ckpt.load_checkpoint(out2)
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+    # --init_parts=tower takes the tower and projector only, so the LM may differ (here a second layer); the
+    # tower of the new checkpoint is the old one, its LM a fresh one of the new shape
+    out4 = tmp_path / "ckpt4"
+    r = _train_cli(f"--out_dir={out4}", f"--init_checkpoint={out}", "--init_parts=tower", "--lm_steps=0",
+                   "--config_override=lm.n_layers=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    config4, params4, _ = ckpt.load_checkpoint(out4)
+    assert config4.lm.n_layers == 2
+    for part in ("vision", "projector"):
+        jax.tree.map(np.testing.assert_array_equal, params4[part], params[part])
+    assert not np.allclose(params4["lm"]["embed"], params["lm"]["embed"])
+    # ... but a different tower is refused
+    r = _train_cli(f"--out_dir={tmp_path / 'ckpt5'}", f"--init_checkpoint={out}", "--init_parts=tower",
+                   "--lm_steps=1", "--config_override=vision.depth=2")
+    assert r.returncode != 0 and "different vision tower" in r.stderr and not (tmp_path / "ckpt5").exists()
     # a checkpoint of another architecture is refused before any training
     r = _train_cli(f"--out_dir={tmp_path / 'ckpt3'}", f"--init_checkpoint={out}", "--lm_steps=1",
                    "--config_override=lm.n_layers=2")
