@@ -12,7 +12,10 @@ and for each layer L the gradient G_i of that score at each image token's residu
 the SPEC's hook) is compared with A_i. Printed per layer (medians over words):
 
 - ``median |cos|``: median over image tokens of |cos(G_i, A_i)|;
-- ``weighted |cos|``: the same averaged with weights |G_i| (the tokens that matter).
+- ``weighted |cos|``: the same averaged with weights |G_i| (the tokens that matter);
+- ``norm ratio``: median |A_i| of the tokens with the largest gradients (top 10% by |G_i|) over the median |A_i|
+  of all image tokens. Far below 1 means the tokens the score depends on have small states next to the rest
+  (e.g. high-norm background tokens), which then dominate sum_c mean(G)_c A_c whatever the weights.
 
 Near 0 means the upper network reads the stream (almost) only through RMSNorm, which is blind to a token's scale:
 G_i . A_i ~ 0, so the channel-weighted map sum_c mean(G)_c A_c loses each token's own term and is made of cross
@@ -46,8 +49,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def measure(model, source, indices, layers, *, max_words: int = 8, progress: bool = False) -> dict:
-    """{layer: [{"example", "word", "median_abs_cos", "weighted_abs_cos"}, ...]} for the content words of the
-    model's answers to ``source.item(i)`` for i in ``indices``."""
+    """{layer: [{"example", "word", "median_abs_cos", "weighted_abs_cos", "norm_ratio"}, ...]} for the content
+    words of the model's answers to ``source.item(i)`` for i in ``indices`` (see the module docstring)."""
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
@@ -71,25 +74,30 @@ def measure(model, source, indices, layers, *, max_words: int = 8, progress: boo
             state[list(ps)] = cfg.lm.mask_id
             for L in layers:
                 spec = attr.GradSpec(layer=L, attention=cfg.attention)
-                cos, gn = attr.grad_activation_alignment(model.params, cfg, spec, pre.prompt_embeds, img,
+                cos, gn, an = attr.grad_activation_alignment(model.params, cfg, spec, pre.prompt_embeds, img,
                                                          jnp.asarray(state), jnp.asarray(tokens),
                                                          jnp.asarray([p], jnp.int32), jnp.asarray(tokens[[p]]))
                 c, wts = np.abs(np.asarray(cos[0], np.float64)).ravel(), np.asarray(gn[0], np.float64).ravel()
+                an = np.asarray(an, np.float64).ravel()
+                top = wts >= np.quantile(wts, 0.9)
                 out[L].append({"example": int(i), "word": w, "median_abs_cos": float(np.median(c)),
-                               "weighted_abs_cos": float((c * wts).sum() / wts.sum()) if wts.sum() > 0 else 0.0})
+                               "weighted_abs_cos": float((c * wts).sum() / wts.sum()) if wts.sum() > 0 else 0.0,
+                               "norm_ratio": float(np.median(an[top]) / np.median(an)) if np.median(an) > 0
+                               else float("nan")})
     return out
 
 
 def table(result: dict) -> str:
     """Markdown table of :func:`measure`'s result: one row per layer, medians over words."""
-    lines = ["| block L | words | median over words of median |cos(G_i, A_i)| | of gradient-weighted |cos| |",
-             "|---|---|---|---|"]
+    lines = ["| block L | words | median over words of median |cos(G_i, A_i)| | of gradient-weighted |cos| "
+             "| of norm ratio (top-gradient tokens / all) |", "|---|---|---|---|---|"]
     for L, recs in result.items():
         if recs:
             lines.append(f"| {L} | {len(recs)} | {np.median([r['median_abs_cos'] for r in recs]):.4f} | "
-                         f"{np.median([r['weighted_abs_cos'] for r in recs]):.4f} |")
+                         f"{np.median([r['weighted_abs_cos'] for r in recs]):.4f} | "
+                         f"{np.nanmedian([r['norm_ratio'] for r in recs]):.3f} |")
         else:
-            lines.append(f"| {L} | 0 | - | - |")
+            lines.append(f"| {L} | 0 | - | - | - |")
     return "\n".join(lines)
 
 

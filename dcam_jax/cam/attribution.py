@@ -229,7 +229,10 @@ def grad_activation_alignment(params: Params, config: MLLMConfig, spec: GradSpec
     points to; when the upper network reads A only through RMSNorm, which is blind to each token's scale, G_i is
     orthogonal to A_i and the channel-weighted map loses the object's own terms. Same inputs as
     :func:`state_maps` (``spec.score`` / ``spec.attention`` / ``spec.hook`` / ``spec.layer`` are used; no
-    contrast). Returns (cos [Tg, H, W] = G_i . A_i / (|G_i| |A_i|), gnorm [Tg, H, W] = |G_i|), float32.
+    contrast). Returns (cos [Tg, H, W] = G_i . A_i / (|G_i| |A_i|), gnorm [Tg, H, W] = |G_i|,
+    anorm [H, W] = |A_i|), float32. ``anorm`` shows the other way the channel-weighted map can fail: when the
+    tokens the score does not depend on have much larger states than those it does (high-norm background
+    tokens), sum_c w_c A_c is dominated by them.
     """
     lm, cfg, P = params["lm"], config.lm, prompt_embeds.shape[0]
     A, hN, vjp_fn = _forward_split(lm, cfg, spec, prompt_embeds, state)
@@ -245,7 +248,8 @@ def grad_activation_alignment(params: Params, config: MLLMConfig, spec: GradSpec
         den = gn * an
         return jnp.where(den > 0, jnp.sum(g * a, -1) / jnp.where(den > 0, den, 1.0), 0.0), gn
 
-    return jax.vmap(one_target)(target_pos, target_tok)
+    cos, gn = jax.vmap(one_target)(target_pos, target_tok)
+    return cos, gn, jnp.linalg.norm(a, axis=-1)
 
 
 def _batched_state_maps(params, config, spec, batch_size, prompt_embeds, image_positions, states, answer,

@@ -27,10 +27,10 @@ def test_alignment_matches_finite_differences(tiny_model, layer):
     img = pre.layout.positions(pre.layout.default_view)
     spec = attr.GradSpec(layer=layer, attention=cfg.attention)
     targets = np.array([1, 2], np.int32)
-    cos, gnorm = attr.grad_activation_alignment(m.params, cfg, spec, pre.prompt_embeds, jnp.asarray(img),
+    cos, gnorm, anorm = attr.grad_activation_alignment(m.params, cfg, spec, pre.prompt_embeds, jnp.asarray(img),
                                                 jnp.asarray(state), jnp.asarray(answer), jnp.asarray(targets),
                                                 jnp.asarray(answer[targets]))
-    assert cos.shape == gnorm.shape == (2,) + img.shape
+    assert cos.shape == gnorm.shape == (2,) + img.shape and anorm.shape == img.shape
     assert np.all(np.abs(cos) <= 1 + 1e-6) and np.all(gnorm >= 0)
 
     # the same quantities from forward passes only
@@ -48,8 +48,9 @@ def test_alignment_matches_finite_differences(tiny_model, layer):
         return jax.nn.log_softmax(llada.final_logits(lm, cfg.lm, h[:, P + t:P + t + 1]))[0, 0, answer[t]]
 
     eps = 0.05  # central differences: O(eps^2) error; float32 noise of the score / eps stays far below atol
+    a_norms = np.asarray(jnp.linalg.norm(A[0][img], axis=-1))
+    np.testing.assert_allclose(anorm, a_norms, rtol=1e-5)
     for k, t in enumerate(targets):
-        a_norms = np.asarray(jnp.linalg.norm(A[0][img], axis=-1))
         dot = np.asarray(cos[k] * gnorm[k]) * a_norms
         scale_of = (np.asarray(gnorm[k]) * a_norms).max()
         if layer == 1:

@@ -254,8 +254,11 @@ def test_alignment_measure_and_table(tiny):
         for r in res[L]:
             assert 0.0 <= r["median_abs_cos"] <= 1.0 and 0.0 <= r["weighted_abs_cos"] <= 1.0
             assert r["example"] in (0, 1) and r["word"] in shapes.WORD_CLASS
-    # above the last block nothing reads the image tokens' state: no gradient, reported as 0
+            assert np.isfinite(r["norm_ratio"]) and r["norm_ratio"] > 0
+    # above the last block nothing reads the image tokens' state: no gradient, reported as 0; every gradient ties
+    # at 0, so the "top-gradient tokens" are all tokens and the norm ratio is exactly 1
     assert all(r["median_abs_cos"] == 0.0 and r["weighted_abs_cos"] == 0.0 for r in res[1])
+    assert all(r["norm_ratio"] == 1.0 for r in res[1])
     lines = alignment.table(res).splitlines()
     assert lines[2].startswith(f"| 0 | {len(res[0])} |") and lines[3].startswith(f"| 1 | {len(res[1])} |")
 
