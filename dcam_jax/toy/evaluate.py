@@ -90,19 +90,25 @@ _image_blocks_jit = jax.jit(tm.image_blocks, static_argnums=(1, 3))
 
 
 def decode(params: Params, config: MLLMConfig, prefix: jax.Array, gen_length: int, steps: int | None = None,
-           decoder: str = "sampler") -> np.ndarray:
+           decoder: str = "sampler", block_length: int | None = None) -> np.ndarray:
     """Answer tokens [B, G] for prompt embeddings ``prefix`` [B, P, D] at the default sampling settings.
 
     decoder: "sampler" (dcam_jax.sampling.sample at temperature 0, low-confidence remasking, one block) or
     "interim" (:func:`greedy_decode`, an independent implementation of the same rule kept as a cross-check).
+    block_length: semi-autoregressive blocks of this many tokens (sampler only; None = one block of
+    ``gen_length``, the default); ``steps`` are then shared equally by the blocks.
     """
     steps = steps or gen_length
     if decoder not in ("sampler", "interim"):
         raise ValueError(f"decoder={decoder!r}, expected 'sampler' or 'interim'")
+    if decoder == "interim" and block_length not in (None, gen_length):
+        raise ValueError("decoder='interim' decodes one block only; use decoder='sampler' for block_length="
+                         f"{block_length}")
     if decoder == "sampler":
         from dcam_jax import sampling
 
-        res = sampling.sample(params, config, key=jax.random.key(0), gen_length=gen_length, block_length=gen_length,
+        res = sampling.sample(params, config, key=jax.random.key(0), gen_length=gen_length,
+                              block_length=block_length or gen_length,
                               steps=steps, temperature=0.0, remasking="low_confidence", schedule="uniform",
                               attention=config.attention, prefix_cache=False, prompt_embeds=prefix)
         return np.asarray(res.tokens)
@@ -162,8 +168,10 @@ class EvalReport:
 
 def evaluate(params: Params, config: MLLMConfig, tokenizer, *, num_examples: int = 500, split: str = "test",
              preset: str = "default", start: int = 0, batch_size: int = 50, gen_length: int = tm.TOY_GEN_LENGTH,
-             steps: int | None = None, decoder: str = "sampler", progress: bool = True) -> EvalReport:
-    """Generate captions for examples ``start .. start + num_examples - 1`` of ``split`` and score them."""
+             steps: int | None = None, decoder: str = "sampler", progress: bool = True,
+             block_length: int | None = None) -> EvalReport:
+    """Generate captions for examples ``start .. start + num_examples - 1`` of ``split`` and score them
+    (decoding as :func:`decode`)."""
     from tqdm.auto import tqdm
 
     if num_examples <= 0:
@@ -181,7 +189,7 @@ def evaluate(params: Params, config: MLLMConfig, tokenizer, *, num_examples: int
         pix = np.stack([processor(e.image).pixel_values for e in examples])
         blocks = _image_blocks_jit(params, config, jnp.asarray(pix), geometry)
         prefix = tm.prefix_embeddings(params, config, ids, blocks)
-        tokens = decode(params, config, prefix, gen_length, steps, decoder)
+        tokens = decode(params, config, prefix, gen_length, steps, decoder, block_length)
         for e, t in zip(examples, tokens):
             text, _ = ptext.decode_answer(tokenizer, t, stop)
             report.captions.append(e.caption)
@@ -205,6 +213,8 @@ def _flags():
     flags.DEFINE_integer("batch_size", 50, "Examples decoded together.")
     flags.DEFINE_integer("gen_length", tm.TOY_GEN_LENGTH, "Answer length.")
     flags.DEFINE_integer("steps", None, "Denoising steps (default: gen_length).")
+    flags.DEFINE_integer("block_length", None, "Semi-autoregressive block length (sampler only; default: one "
+                         "block of gen_length, the model's default setting).")
     flags.DEFINE_enum("decoder", "sampler", ["sampler", "interim"],
                       "dcam_jax.sampling.sample ('sampler', greedy low-confidence remasking) or the independent "
                       "greedy decoder kept as a cross-check ('interim').")
@@ -221,9 +231,10 @@ def main(argv):
     model = api.load_pretrained(F.checkpoint)
     rep = evaluate(model.params, model.config, model.tokenizer, num_examples=F.num_examples, split=F.split,
                    preset=F.preset, start=F.start, batch_size=F.batch_size, gen_length=F.gen_length, steps=F.steps,
-                   decoder=F.decoder)
+                   decoder=F.decoder, block_length=F.block_length)
     summary = rep.summary()
     summary["decoder"] = F.decoder
+    summary["block_length"] = F.block_length or F.gen_length
     for t, g in list(zip(rep.captions, rep.generated))[:F.show]:
         print(f"  true: {t}\n  gen : {g}")
     print(json.dumps(summary, indent=2))

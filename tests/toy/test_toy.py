@@ -494,6 +494,34 @@ def test_greedy_decode_matches_numpy_loop(host_batch, tok):
     np.testing.assert_array_equal(tev.decode(params, cfg, prefix, G, steps, decoder="sampler"), got)
 
 
+def test_block_decoding_matches_numpy_loop(host_batch, tok):
+    """--block_length: semi-autoregressive blocks, each filled before the next with its share of the steps."""
+    hb, _ = host_batch
+    cfg, params = tiny_config(), tiny_params()
+    g = tm.toy_geometry(cfg)
+    ids = tm.prompt_ids(cfg, tok)
+    prefix = tm.prefix_embeddings(params, cfg, ids, tm.image_blocks(params, cfg, jnp.asarray(hb.pixel_values), g))
+    G, steps, B = 6, 4, 3
+    got = tev.decode(params, cfg, prefix, G, steps, decoder="sampler", block_length=B)
+    per_block = tev.num_transfer_tokens(B, steps // (G // B))  # LLaDA's schedule inside one block: [2, 1]
+    for i in range(2):
+        x = np.full(G, cfg.lm.mask_id)
+        for b0 in range(0, G, B):
+            for n in per_block:
+                logits, _ = mllm.mllm_logits(params, cfg, ids, hb.pixel_values[i], g, answer_ids=x)
+                logits = np.asarray(logits[-G:], np.float64)
+                logits[:, cfg.lm.mask_id] = -np.inf
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+                in_block = (np.arange(G) >= b0) & (np.arange(G) < b0 + B)
+                conf = np.where((x == cfg.lm.mask_id) & in_block, p.max(-1), -np.inf)
+                for j in np.argsort(-conf, kind="stable")[:n]:
+                    x[j] = p[j].argmax()
+        np.testing.assert_array_equal(got[i], x)
+    with pytest.raises(ValueError, match="one block only"):
+        tev.decode(params, cfg, prefix, G, steps, decoder="interim", block_length=B)
+
+
 def test_score_caption():
     s = tev.score_caption("a red circle above a blue square", ["red", "blue"], ["circle", "square"],
                           "a red circle above a blue square")
