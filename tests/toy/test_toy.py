@@ -468,12 +468,18 @@ def test_num_transfer_tokens():
         tev.num_transfer_tokens(8, 9)
 
 
-def test_greedy_decode_matches_numpy_loop(host_batch, tok):
+def _tiny_prefix(host_batch, tok):
+    """(hb, cfg, params, geometry, prompt ids, prompt embeddings [B, P, D]) of the tiny model on host_batch."""
     hb, _ = host_batch
     cfg, params = tiny_config(), tiny_params()
     g = tm.toy_geometry(cfg)
     ids = tm.prompt_ids(cfg, tok)
     prefix = tm.prefix_embeddings(params, cfg, ids, tm.image_blocks(params, cfg, jnp.asarray(hb.pixel_values), g))
+    return hb, cfg, params, g, ids, prefix
+
+
+def test_greedy_decode_matches_numpy_loop(host_batch, tok):
+    hb, cfg, params, g, ids, prefix = _tiny_prefix(host_batch, tok)
     G, steps = 6, 3
     got = np.asarray(tev.greedy_decode(params, cfg, prefix, G, steps))
     for i in range(3):
@@ -496,11 +502,7 @@ def test_greedy_decode_matches_numpy_loop(host_batch, tok):
 
 def test_block_decoding_matches_numpy_loop(host_batch, tok):
     """--block_length: semi-autoregressive blocks, each filled before the next with its share of the steps."""
-    hb, _ = host_batch
-    cfg, params = tiny_config(), tiny_params()
-    g = tm.toy_geometry(cfg)
-    ids = tm.prompt_ids(cfg, tok)
-    prefix = tm.prefix_embeddings(params, cfg, ids, tm.image_blocks(params, cfg, jnp.asarray(hb.pixel_values), g))
+    hb, cfg, params, g, ids, prefix = _tiny_prefix(host_batch, tok)
     G, steps, B = 6, 4, 3
     got = tev.decode(params, cfg, prefix, G, steps, decoder="sampler", block_length=B)
     per_block = tev.num_transfer_tokens(B, steps // (G // B))  # LLaDA's schedule inside one block: [2, 1]
