@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcam_jax.models.config import LMConfig, MLLMConfig
+from dcam_jax.models.layers import linear
 
 Params = dict[str, Any]
 ATTENTION_MODES = ("full", "prefix_lm")
@@ -142,16 +143,15 @@ def _attend(q, k, v, bias, cfg: LMConfig):
 def attention_half(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,
                    cache_kv: tuple[jax.Array, jax.Array] | None = None):
     """First half of a block: h + Attn(RMSNorm(h)). Returns (h_mid [B, T, D], (k, v) of these tokens)."""
-    dt = h.dtype
     B, T, _ = h.shape
     a = rms_norm(h, lp["attn_norm"], cfg.rms_eps)
-    q = (a @ lp["q"].astype(dt)).reshape(B, T, cfg.n_heads, cfg.head_dim)
-    k = (a @ lp["k"].astype(dt)).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-    v = (a @ lp["v"].astype(dt)).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    q = linear(a, lp["q"]).reshape(B, T, cfg.n_heads, cfg.head_dim)
+    k = linear(a, lp["k"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    v = linear(a, lp["v"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = (k, v) if cache_kv is None else (jnp.concatenate([cache_kv[0], k], 1),
                                                      jnp.concatenate([cache_kv[1], v], 1))
-    return h + _attend(q, k_all, v_all, bias, cfg) @ lp["o"].astype(dt), (k, v)
+    return h + linear(_attend(q, k_all, v_all, bias, cfg), lp["o"]), (k, v)
 
 
 def mlp_norm(lp: Params, h_mid: jax.Array, cfg: LMConfig) -> jax.Array:
@@ -161,9 +161,8 @@ def mlp_norm(lp: Params, h_mid: jax.Array, cfg: LMConfig) -> jax.Array:
 
 def mlp_half(lp: Params, h_mid: jax.Array, m: jax.Array) -> jax.Array:
     """Second half of a block given its MLP input m = mlp_norm(h_mid): h_mid + SwiGLU(m). [B, T, D]."""
-    dt = h_mid.dtype
-    g = jax.nn.silu(m @ lp["gate"].astype(dt)) * (m @ lp["up"].astype(dt))
-    return h_mid + g @ lp["down"].astype(dt)
+    g = jax.nn.silu(linear(m, lp["gate"])) * linear(m, lp["up"])
+    return h_mid + linear(g, lp["down"])
 
 
 def block(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,

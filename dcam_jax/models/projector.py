@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dcam_jax.models.layers import linear
+
 Params = dict[str, Any]
 
 
@@ -31,6 +33,6 @@ def project(params: Params, x: jax.Array, dtype=None) -> jax.Array:
     pp = params["projector"] if "projector" in params else params
     dt = jnp.dtype(dtype) if dtype is not None else x.dtype
     x = x.astype(dt)
-    h = x @ pp["fc1"]["kernel"].astype(dt) + pp["fc1"]["bias"].astype(dt)
+    h = linear(x, pp["fc1"]["kernel"]) + pp["fc1"]["bias"].astype(dt)
     h = jax.nn.gelu(h, approximate=False)
-    return h @ pp["fc2"]["kernel"].astype(dt) + pp["fc2"]["bias"].astype(dt)
+    return linear(h, pp["fc2"]["kernel"]) + pp["fc2"]["bias"].astype(dt)

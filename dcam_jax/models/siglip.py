@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcam_jax.models.config import MLLMConfig, VisionConfig
+from dcam_jax.models.layers import linear
 
 Params = dict[str, Any]
 
@@ -77,7 +78,7 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
 
 
 def _dense(x, p):
-    return x @ p["kernel"].astype(x.dtype) + p["bias"].astype(x.dtype)
+    return linear(x, p["kernel"]) + p["bias"].astype(x.dtype)
 
 
 def _encoder_layer(lp: Params, x: jax.Array, cfg: VisionConfig) -> jax.Array:
