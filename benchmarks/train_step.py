@@ -5,7 +5,7 @@ Times, on one ShapesWorld batch, the jitted value-and-gradient of the two traini
 tower-pretraining object loss on whole images. Each is compiled once per variant (compile time excluded), then run
 ``--repeats`` times; prints the medians and the ratio 3-D / 2-D, and checks the two variants give the same loss.
 
-Usage: python benchmarks/train_step.py [--batch 32] [--lm_layers 6] [--repeats 10]
+Usage: python benchmarks/train_step.py [--batch 32] [--lm_layers 4] [--repeats 10]
 """
 
 import argparse
@@ -50,7 +50,7 @@ def median_ms(fn, args, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lm_layers", type=int, default=6)
+    p.add_argument("--lm_layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=10)
     a = p.parse_args()
     cfg = tm.toy_config()

@@ -2,7 +2,7 @@ r"""Train the embedded toy dMLLM on ShapesWorld from scratch and write a dcam_ja
 
     python -m dcam_jax.toy.train --out_dir=/tmp/toy_ckpt
 
-Two phases, both on batches generated on the fly from the ShapesWorld *train* split (fully determined by
+Three phases, all on batches generated on the fly from the ShapesWorld *train* split (fully determined by
 ``--seed``):
 
 1. **Tower pretraining**: the vision tower and projector learn object-level targets. Each object's pixel mask
@@ -18,6 +18,13 @@ Two phases, both on batches generated on the fly from the ShapesWorld *train* sp
    object-local features of phase 1, and a frozen tower costs no backward pass), then trains at
    ``--tower_lr_mult`` x the LR.
    ``--curriculum`` schedules ShapesWorld presets (e.g. one object first).
+3. **End-to-end fine-tuning** (``--finetune_steps``, 0 skips it): the phase-2 objective on ``--finetune_preset``
+   images with the tower and projector unfrozen at ``--finetune_tower_lr_mult`` x ``--finetune_lr``, with a fresh
+   optimiser and schedule. A short phase at a low LR after the LM has learned to read the frozen tower lets the
+   tower adapt its features to captioning; see ``dcam_jax/assets/README.md`` for what it gains. It uses the same
+   example stream and mask keys as phase 2's first steps, so it equals a second run started from the phase-2
+   checkpoint (``--init_checkpoint=... --view_steps=0 --tower_steps=0 --lm_steps=N --freeze_tower_steps=0``
+   with the phase-3 LR, multiplier and preset as ``--lr``, ``--tower_lr_mult``, ``--curriculum``).
 
 Optimiser: AdamW with linear warmup and cosine decay (per phase). Learning curves per answer word class
 (accuracy of the argmax at masked positions: colour, shape, relation, function, eot, pad) are logged every
@@ -75,6 +82,9 @@ class TrainConfig:
         frozen throughout.
       tower_lr_mult: the LR multiplier of the tower (and of a frozen projector) in phase 2 after unfreezing.
       freeze_projector: whether the projector is frozen with the tower (else it trains at the full LR).
+      finetune_steps, finetune_lr, finetune_tower_lr_mult, finetune_preset: phase 3, end-to-end fine-tuning: the
+        phase-2 objective with the tower (and a frozen projector) unfrozen at ``finetune_tower_lr_mult`` x
+        ``finetune_lr``, a fresh optimiser and schedule, on ``finetune_preset`` images; 0 steps skips it.
       aux_weight: weight of the object-level tower loss kept as an auxiliary loss in phase 2 (0 = off).
       attention: "full" or "prefix_lm" (also stored in the model config).
       num_masks: maskings of each answer per step; with "prefix_lm" they share one prompt (image) computation.
@@ -89,7 +99,7 @@ class TrainConfig:
     view_lr: float = 2e-3
     view_preset: str = "easy"
     view_size: int = 32
-    tower_steps: int = 4500
+    tower_steps: int = 6500
     tower_batch: int = 32
     tower_lr: float = 1.5e-3
     tower_presets: tuple[str, ...] = ("default",)
@@ -103,6 +113,10 @@ class TrainConfig:
     freeze_tower_steps: int = 2500
     tower_lr_mult: float = 0.1
     freeze_projector: bool = True
+    finetune_steps: int = 600
+    finetune_lr: float = 5e-4
+    finetune_tower_lr_mult: float = 0.25
+    finetune_preset: str = "default"
     aux_weight: float = 0.0
     attention: str = "full"
     num_masks: int = 1
@@ -111,7 +125,8 @@ class TrainConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        for name in ("view_steps", "tower_steps", "lm_steps", "freeze_tower_steps", "warmup_steps", "seed"):
+        for name in ("view_steps", "tower_steps", "lm_steps", "freeze_tower_steps", "finetune_steps",
+                     "warmup_steps", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be a non-negative int")
@@ -119,7 +134,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be a positive int")
-        for p in (self.view_preset,) + tuple(self.tower_presets) + tuple(st[0] for st in self.curriculum):
+        for p in (self.view_preset, self.finetune_preset) + tuple(self.tower_presets) + tuple(st[0] for st in self.curriculum):
             if p not in shapes.PRESETS:
                 raise ValueError(f"unknown ShapesWorld preset {p!r} in the training schedule; expected one of "
                                  f"{tuple(shapes.PRESETS)}")
@@ -213,7 +228,7 @@ def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, min_
 def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[dict], None] | None = None,
           progress: bool = True, log_every: int = 25, params: Params | None = None,
           init_parts: str = "all") -> tuple[Params, list[dict]]:
-    """Run both phases. Returns (model params, history of logged records).
+    """Run the training phases (each skipped at 0 steps). Returns (model params, history of logged records).
 
     config: the model config (``tm.toy_config()`` or a smaller one for tests); tokenizer: the toy tokenizer.
     log: called with each logged record (dict) every ``log_every`` steps; progress: show tqdm bars.
@@ -221,7 +236,7 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
     init_parts: with ``params``, "all" starts from all of them; "tower" takes only the vision tower and the
       projector from ``params`` and initialises everything else (LM, image_newline) exactly as a fresh run with
       this seed would, so "--view_steps=0 --tower_steps=0" on a checkpoint of the same recipe repeats its
-      captioning phase alone.
+      captioning phases (2 and 3) alone.
     """
     if init_parts not in ("all", "tower"):
         raise ValueError(f"init_parts={init_parts!r}, expected 'all' or 'tower'")
@@ -328,10 +343,11 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
                         lambda p, h, b: tm.object_losses(p, h, config, geometry, *b),
                         lambda acc, s, t: _tower_record(acc, s, t, "images"))
 
-    # ---------------------------------------------------------------- phase 2: masked-diffusion captioning
-    if tcfg.lm_steps:
-        opt = make_optimizer(tcfg.lr, tcfg.warmup_steps, tcfg.lm_steps, tcfg.weight_decay, tcfg.min_lr_ratio,
-                             tcfg.grad_clip)
+    # ---------------------------------------------------------------- phases 2 and 3: masked-diffusion captioning
+    def run_lm_phase(name, record_phase, steps, lr, curriculum, freeze_tower_steps, tower_lr_mult):
+        """Masked-diffusion training of the whole model on the phase-2 example stream (steps 0..steps-1)."""
+        nonlocal params, heads
+        opt = make_optimizer(lr, tcfg.warmup_steps, steps, tcfg.weight_decay, tcfg.min_lr_ratio, tcfg.grad_clip)
         trainable = {"model": params, "heads": heads}
         state = opt.init(trainable)
 
@@ -353,33 +369,46 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
                 return optax.apply_updates(trainable, upd), state, out
             return lm_step
 
-        steps = {True: make_step(True), False: make_step(False)}
-        def lm_batch(s):
-            name, _, length = stage_at(tcfg.curriculum, s)
-            return host_batch(2, s, tcfg.batch_size, name, length or tcfg.gen_length)
+        step_fns = {}
 
-        pre = _Prefetcher(lm_batch, tcfg.lm_steps)
+        def lm_batch(s):
+            preset_name, _, length = stage_at(curriculum, s)
+            return host_batch(2, s, tcfg.batch_size, preset_name, length or tcfg.gen_length)
+
+        pre = _Prefetcher(lm_batch, steps)
         acc = []
-        bar = tqdm(range(tcfg.lm_steps), desc="diffusion captioning", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(range(steps), desc=name, disable=not progress, dynamic_ncols=True)
         try:
             for s in bar:
                 hb = pre.get(s)
-                freeze = s < tcfg.freeze_tower_steps
-                mult = jnp.float32(0.0 if freeze else tcfg.tower_lr_mult)
-                trainable, state, out = steps[freeze](
+                freeze = s < freeze_tower_steps
+                if freeze not in step_fns:  # compile only the variants this phase uses
+                    step_fns[freeze] = make_step(freeze)
+                mult = jnp.float32(0.0 if freeze else tower_lr_mult)
+                trainable, state, out = step_fns[freeze](
                     trainable, state, hb.pixel_values, hb.answers, hb.token_class, hb.obj_weights_base,
                     hb.obj_weights_hi, hb.obj_shape, hb.obj_colour, hb.obj_centre, jax.random.fold_in(k_train, s),
                     mult)
                 acc.append(jax.device_get(out))
-                if (s + 1) % log_every == 0 or s + 1 == tcfg.lm_steps:
-                    rec = _lm_record(acc, s + 1, time.time() - t_start, preset_at(tcfg.curriculum, s))
+                if (s + 1) % log_every == 0 or s + 1 == steps:
+                    rec = _lm_record(acc, s + 1, time.time() - t_start, preset_at(curriculum, s), record_phase)
                     acc = []
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", colour=f"{rec['acc_colour']:.2f}",
                                     shape=f"{rec['acc_shape']:.2f}")
                     emit(rec)
         finally:
             pre.close()
-        params = trainable["model"]
+        params, heads = trainable["model"], trainable["heads"]
+
+    if tcfg.lm_steps:
+        run_lm_phase("diffusion captioning", "lm", tcfg.lm_steps, tcfg.lr, tcfg.curriculum, tcfg.freeze_tower_steps,
+                     tcfg.tower_lr_mult)
+    # ---------------------------------------------------------------- phase 3: end-to-end fine-tuning
+    if tcfg.finetune_steps:
+        # The same example stream and mask keys as phase 2's first steps, so this phase equals a second run
+        # started from the phase-2 checkpoint (--init_checkpoint with --view_steps=0 --tower_steps=0 ...).
+        run_lm_phase("end-to-end fine-tuning", "finetune", tcfg.finetune_steps, tcfg.finetune_lr,
+                     ((tcfg.finetune_preset, 0, 0),), 0, tcfg.finetune_tower_lr_mult)
     return params, history
 
 
@@ -396,10 +425,10 @@ def _tower_record(outs, step, elapsed, phase) -> dict:
     return rec
 
 
-def _lm_record(outs, step, elapsed, preset_name) -> dict:
+def _lm_record(outs, step, elapsed, preset_name, phase="lm") -> dict:
     correct = np.sum([np.asarray(o.correct) for o in outs], axis=0)
     count = np.sum([np.asarray(o.count) for o in outs], axis=0)
-    rec = {"phase": "lm", "step": step, "time_s": round(elapsed, 1), "preset": preset_name,
+    rec = {"phase": phase, "step": step, "time_s": round(elapsed, 1), "preset": preset_name,
            "loss": float(np.mean([float(o.loss) for o in outs]))}
     if outs and outs[0].aux_loss is not None:
         rec["aux_loss"] = float(np.mean([float(o.aux_loss) for o in outs]))
@@ -445,6 +474,12 @@ def _flags():
     flags.DEFINE_integer("freeze_tower_steps", d.freeze_tower_steps, "Phase 2: first steps with the tower frozen.")
     flags.DEFINE_float("tower_lr_mult", d.tower_lr_mult, "Phase 2: tower LR multiplier once unfrozen (0 = frozen).")
     flags.DEFINE_bool("freeze_projector", d.freeze_projector, "Phase 2: freeze the projector with the tower.")
+    flags.DEFINE_integer("finetune_steps", d.finetune_steps, "Phase 3: steps of end-to-end fine-tuning (the "
+                         "captioning objective with the tower unfrozen); 0 skips it.")
+    flags.DEFINE_float("finetune_lr", d.finetune_lr, "Phase 3: peak learning rate (fresh warmup and cosine decay).")
+    flags.DEFINE_float("finetune_tower_lr_mult", d.finetune_tower_lr_mult, "Phase 3: LR multiplier of the tower "
+                       "(and of the projector with --freeze_projector).")
+    flags.DEFINE_string("finetune_preset", d.finetune_preset, "Phase 3: ShapesWorld preset of the images.")
     flags.DEFINE_float("aux_weight", d.aux_weight, "Phase 2: weight of the object-level tower loss kept on.")
     flags.DEFINE_enum("attention", d.attention, ["full", "prefix_lm"], "LM attention over [prompt | answer].")
     flags.DEFINE_integer("num_masks", d.num_masks, "Phase 2: maskings per answer per step (shared prompt with "
@@ -478,13 +513,15 @@ def main(argv):
     if out_dir.exists() and any(out_dir.iterdir()) and not F.force:
         raise SystemExit(f"--out_dir={out_dir} exists and is not empty; pass --force to replace it")
     tcfg = TrainConfig(seed=F.seed, view_steps=F.view_steps, view_batch=F.view_batch, view_lr=F.view_lr,
-                       view_preset=F.view_preset, view_size=F.view_size, tower_steps=F.tower_steps, tower_batch=F.tower_batch, tower_lr=F.tower_lr,
+                       view_preset=F.view_preset, view_size=F.view_size, tower_steps=F.tower_steps,
+                       tower_batch=F.tower_batch, tower_lr=F.tower_lr,
                        tower_presets=tuple(F.tower_presets), lm_steps=F.lm_steps, batch_size=F.batch_size, lr=F.lr,
                        warmup_steps=F.warmup_steps, weight_decay=F.weight_decay, min_lr_ratio=F.min_lr_ratio,
                        curriculum=parse_curriculum(F.curriculum), freeze_tower_steps=F.freeze_tower_steps,
                        tower_lr_mult=F.tower_lr_mult, aux_weight=F.aux_weight, attention=F.attention,
                        num_masks=F.num_masks, freeze_projector=F.freeze_projector, pad_weight=F.pad_weight,
-                       gen_length=F.gen_length)
+                       gen_length=F.gen_length, finetune_steps=F.finetune_steps, finetune_lr=F.finetune_lr,
+                       finetune_tower_lr_mult=F.finetune_tower_lr_mult, finetune_preset=F.finetune_preset)
     config = tm.toy_config(attention=F.attention)
     if F.config_override:
         config = config_lib.override(config, F.config_override)
@@ -527,6 +564,7 @@ def main(argv):
         info = {"trained_by": "python -m dcam_jax.toy.train", "train_config": dataclasses.asdict(tcfg),
                 "init_checkpoint": F.init_checkpoint, "init_parts": F.init_parts if F.init_checkpoint else None,
                 "train_wall_time_s": round(wall, 1),
+                "phase_end_time_s": {r["phase"]: r["time_s"] for r in history},
                 "final": _json_safe(history[-1]) if history else None}
         if F.eval_examples:
             from dcam_jax.toy import evaluate

@@ -346,10 +346,11 @@ def test_training_smoke_loss_decreases(tok):
     cfg = tiny_config()
     tcfg = ttrain.TrainConfig(view_steps=3, view_batch=4, tower_steps=3, tower_batch=4, tower_presets=("easy",),
                               lm_steps=25, batch_size=8, lr=3e-3, warmup_steps=2, freeze_tower_steps=5,
-                              curriculum=(("easy", 5, 4), ("easy", 0, 0)), gen_length=8)
+                              curriculum=(("easy", 5, 4), ("easy", 0, 0)), gen_length=8, finetune_steps=3,
+                              finetune_preset="easy")
     init = tm.init_toy_params(jax.random.key(0), cfg)
     params, hist = ttrain.train(tcfg, cfg, tok, progress=False, log_every=5, params=init)
-    assert [r["phase"] for r in hist] == ["tower_views", "tower_images"] + ["lm"] * 5
+    assert [r["phase"] for r in hist] == ["tower_views", "tower_images"] + ["lm"] * 5 + ["finetune"]
     # phase 1a ran on 32 px views (view_size's default) and the position table came back at the model's grid
     assert tcfg.view_size < cfg.vision.image_size
     assert params["vision"]["pos_embed"].shape == init["vision"]["pos_embed"].shape
@@ -379,7 +380,7 @@ def test_training_smoke_loss_decreases(tok):
 def test_init_parts_tower_keeps_tower_and_projector_and_reinitialises_the_rest(tok):
     cfg = tiny_config()
     other = tm.init_toy_params(jax.random.key(11), cfg)
-    tcfg = ttrain.TrainConfig(view_steps=0, tower_steps=0, lm_steps=0)
+    tcfg = ttrain.TrainConfig(view_steps=0, tower_steps=0, lm_steps=0, finetune_steps=0)
     fresh, _ = ttrain.train(tcfg, cfg, tok, progress=False)
     mixed, _ = ttrain.train(tcfg, cfg, tok, progress=False, params=other, init_parts="tower")
     for part in ("vision", "projector"):
@@ -389,6 +390,34 @@ def test_init_parts_tower_keeps_tower_and_projector_and_reinitialises_the_rest(t
     assert not np.allclose(fresh["lm"]["embed"], other["lm"]["embed"])
     with pytest.raises(ValueError, match="init_parts"):
         ttrain.train(tcfg, cfg, tok, progress=False, params=other, init_parts="lm")
+
+
+@pytest.mark.slow
+def test_finetune_phase_trains_the_tower_and_equals_a_second_run_from_the_checkpoint(tok):
+    cfg = tiny_config()
+    init = tm.init_toy_params(jax.random.key(3), cfg)
+    common = dict(view_steps=0, tower_steps=0, batch_size=4, warmup_steps=1, gen_length=8,
+                  curriculum=(("easy", 0, 0),))
+    # phases 2 (tower and projector frozen throughout) + 3 in one run ...
+    one = ttrain.TrainConfig(**common, lm_steps=4, freeze_tower_steps=4, finetune_steps=3, finetune_lr=1e-3,
+                             finetune_tower_lr_mult=0.5, finetune_preset="easy")
+    both, hist = ttrain.train(one, cfg, tok, progress=False, log_every=1, params=init)
+    assert [r["phase"] for r in hist] == ["lm"] * 4 + ["finetune"] * 3
+    # ... equal phase 2 alone followed by a captioning run from its parameters with phase 3's settings
+    first, _ = ttrain.train(dataclasses.replace(one, finetune_steps=0), cfg, tok, progress=False, params=init)
+    for part in ("vision", "projector"):
+        jax.tree.map(np.testing.assert_array_equal, first[part], init[part])
+    second = ttrain.TrainConfig(**common, lm_steps=3, freeze_tower_steps=0, lr=1e-3, tower_lr_mult=0.5,
+                                finetune_steps=0)
+    chained, _ = ttrain.train(second, cfg, tok, progress=False, params=first)
+    jax.tree.map(np.testing.assert_array_equal, both, chained)
+    # phase 3 moved the tower and the projector
+    assert not np.allclose(both["vision"]["pos_embed"], first["vision"]["pos_embed"])
+    assert not np.allclose(both["projector"]["fc1"]["kernel"], first["projector"]["fc1"]["kernel"])
+    with pytest.raises(ValueError, match="finetune_steps"):
+        ttrain.TrainConfig(finetune_steps=-1)
+    with pytest.raises(ValueError, match="unknown ShapesWorld preset 'nope'"):
+        ttrain.TrainConfig(finetune_preset="nope")
 
 
 TINY_OVERRIDES = ["--config_override=lm.d_model=32", "--config_override=lm.n_layers=1",
@@ -406,7 +435,7 @@ def _train_cli(*args):
     # command line's wiring, checkpoint writing and --init_checkpoint
     cmd = [sys.executable, "-m", "dcam_jax.toy.train", "--noprogress", "--log_every=1", "--view_steps=0",
            "--tower_steps=0", "--batch_size=4", "--warmup_steps=1", "--freeze_tower_steps=1", "--curriculum=easy",
-           "--gen_length=8", *TINY_OVERRIDES, *args]
+           "--finetune_preset=easy", "--gen_length=8", *TINY_OVERRIDES, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -415,16 +444,17 @@ def test_train_cli_end_to_end(tmp_path):
     from dcam_jax import checkpoint as ckpt
 
     out, log = tmp_path / "ckpt", tmp_path / "curves.jsonl"
-    r = _train_cli(f"--out_dir={out}", f"--log_jsonl={log}", "--lm_steps=2")
+    r = _train_cli(f"--out_dir={out}", f"--log_jsonl={log}", "--lm_steps=2", "--finetune_steps=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote" in r.stdout
     config, params, tok_dir = ckpt.load_checkpoint(out)
     assert config.name == "toy" and config.lm.n_layers == 1 and tok_dir is not None
     strict = dict(parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     recs = [json.loads(line, **strict) for line in log.read_text().splitlines()]
-    assert [x["phase"] for x in recs] == ["lm"] * 2 and all(np.isfinite(x["loss"]) for x in recs)
+    assert [x["phase"] for x in recs] == ["lm"] * 2 + ["finetune"] and all(np.isfinite(x["loss"]) for x in recs)
     info = json.loads((out / "dcam_checkpoint.json").read_text(), **strict)["info"]
     assert info["train_config"]["lm_steps"] == 2 and info["init_checkpoint"] is None
+    assert set(info["phase_end_time_s"]) == {"lm", "finetune"}
     # a non-empty --out_dir is refused without --force and left as it was
     before = sorted(p.name for p in out.iterdir())
     r = _train_cli(f"--out_dir={out}", "--lm_steps=1")
@@ -432,14 +462,15 @@ def test_train_cli_end_to_end(tmp_path):
     # --init_checkpoint starts from the checkpoint's parameters (with no steps they come back unchanged, where a
     # fresh initialisation would differ); training from them is the in-process path of the smoke test
     out2 = tmp_path / "ckpt2"
-    r = _train_cli(f"--out_dir={out2}", f"--init_checkpoint={out}", "--lm_steps=0")
+    r = _train_cli(f"--out_dir={out2}", f"--init_checkpoint={out}", "--lm_steps=0",
+                   "--finetune_steps=0")
     assert r.returncode == 0, r.stderr[-3000:]
     _, params2, _ = ckpt.load_checkpoint(out2)
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     # --init_parts=tower takes the tower and projector only, so the LM may differ (here a second layer); the
     # tower of the new checkpoint is the old one, its LM a fresh one of the new shape
     out4 = tmp_path / "ckpt4"
-    r = _train_cli(f"--out_dir={out4}", f"--init_checkpoint={out}", "--init_parts=tower", "--lm_steps=0",
+    r = _train_cli(f"--out_dir={out4}", f"--init_checkpoint={out}", "--init_parts=tower", "--lm_steps=0", "--finetune_steps=0",
                    "--config_override=lm.n_layers=2")
     assert r.returncode == 0, r.stderr[-3000:]
     config4, params4, _ = ckpt.load_checkpoint(out4)
