@@ -24,7 +24,8 @@ Three phases, all on batches generated on the fly from the ShapesWorld *train* s
    tower adapt its features to captioning; see ``dcam_jax/assets/README.md`` for what it gains. It uses the same
    example stream and mask keys as phase 2's first steps, so it equals a second run started from the phase-2
    checkpoint (``--init_checkpoint=... --view_steps=0 --tower_steps=0 --lm_steps=N --freeze_tower_steps=0``
-   with the phase-3 LR, multiplier and preset as ``--lr``, ``--tower_lr_mult``, ``--curriculum``).
+   ``--finetune_steps=0``, and the phase-3 LR, multiplier and preset as ``--lr``, ``--tower_lr_mult``,
+   ``--curriculum``).
 
 Optimiser: AdamW with linear warmup and cosine decay (per phase). Learning curves per answer word class
 (accuracy of the argmax at masked positions: colour, shape, relation, function, eot, pad) are logged every
@@ -134,7 +135,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be a positive int")
-        for p in (self.view_preset, self.finetune_preset) + tuple(self.tower_presets) + tuple(st[0] for st in self.curriculum):
+        presets = (self.view_preset, self.finetune_preset, *self.tower_presets, *(st[0] for st in self.curriculum))
+        for p in presets:
             if p not in shapes.PRESETS:
                 raise ValueError(f"unknown ShapesWorld preset {p!r} in the training schedule; expected one of "
                                  f"{tuple(shapes.PRESETS)}")

@@ -470,8 +470,8 @@ def test_train_cli_end_to_end(tmp_path):
     # --init_parts=tower takes the tower and projector only, so the LM may differ (here a second layer); the
     # tower of the new checkpoint is the old one, its LM a fresh one of the new shape
     out4 = tmp_path / "ckpt4"
-    r = _train_cli(f"--out_dir={out4}", f"--init_checkpoint={out}", "--init_parts=tower", "--lm_steps=0", "--finetune_steps=0",
-                   "--config_override=lm.n_layers=2")
+    r = _train_cli(f"--out_dir={out4}", f"--init_checkpoint={out}", "--init_parts=tower", "--lm_steps=0",
+                   "--finetune_steps=0", "--config_override=lm.n_layers=2")
     assert r.returncode == 0, r.stderr[-3000:]
     config4, params4, _ = ckpt.load_checkpoint(out4)
     assert config4.lm.n_layers == 2
