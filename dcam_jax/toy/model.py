@@ -305,13 +305,15 @@ def diffusion_loss(params: Params, config: MLLMConfig, geometry: pimg.ImageGeome
                    pixel_values: jax.Array, answers: jax.Array, token_class: jax.Array, key: jax.Array, *,
                    attention: str = "full", freeze_tower: bool = False, aux=None,
                    aux_weight: float = 0.0, num_masks: int = 1, freeze_projector: bool = True,
-                   pad_weight: float = 1.0) -> DiffusionOut:
+                   pad_weight: float = 1.0, rms_weight: float = 0.0) -> DiffusionOut:
     """LLaDA SFT loss: sum over masked answer tokens of CE / t, normalised by the number of answer tokens.
 
     num_masks: K independent maskings of each answer (t stratified over all B*K); with ``attention="prefix_lm"``
     they share one prompt computation (LaViDa's Prefix-DLM trains with two complementary maskings this way).
     pad_weight: weight of the ``<|endoftext|>`` padding tokens in the sum (1 = LLaDA SFT exactly). With 32-token
     answers most tokens are padding, and a fresh LM learns the content words many times more slowly at weight 1.
+    rms_weight: weight of :func:`token_rms_penalty` of the image tokens (no effect while tower and projector are
+    frozen).
 
     pixel_values: [B, n, S, S, 3]; answers, token_class: [B, G] int; ids: host prompt ids with one -200.
     aux: optional (heads, w_base, w_hi, obj_shape, obj_colour, obj_centre) for :func:`object_loss_on_blocks`,
@@ -340,6 +342,8 @@ def diffusion_loss(params: Params, config: MLLMConfig, geometry: pimg.ImageGeome
     if aux is not None:
         aux_loss = object_loss_on_blocks(blocks, aux[0], geometry, *aux[1:]).loss
         loss = loss + aux_weight * aux_loss
+    if rms_weight:
+        loss = loss + rms_weight * token_rms_penalty(blocks)
     return DiffusionOut(loss, correct, count, aux_loss)
 
 
@@ -418,9 +422,21 @@ def _rms(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
 
 
+def token_rms_penalty(tokens: jax.Array) -> jax.Array:
+    """Mean over tokens of log(RMS of the token)^2: 0 when every token has RMS 1, growing as any token's scale drifts
+    away from it in either direction. tokens: [..., D] -> scalar.
+
+    Nothing else fixes the scale of the projected image tokens (the object heads read RMS-normalised features, and
+    every LM block reads the residual stream through an RMSNorm), so without it tokens that carry nothing the caption
+    needs (background) drift to many times the scale of object tokens; see dcam_jax/assets/README.md.
+    """
+    ms = jnp.mean(jnp.square(tokens.astype(jnp.float32)), -1)
+    return jnp.mean(jnp.square(0.5 * jnp.log(ms + 1e-12)))
+
+
 def grid_losses(grid: jax.Array, heads: Params, weights: jax.Array, obj_shape: jax.Array, obj_colour: jax.Array,
                 obj_centre: jax.Array | None, *, obj_relation: jax.Array | None = None, token_weight: float = 1.0,
-                min_cover: float = 0.3, background_weight: float = 0.2) -> GridOut:
+                min_cover: float = 0.3, background_weight: float = 0.2, rms_weight: float = 0.0) -> GridOut:
     """Object-level and token-level classification losses on one grid of image tokens.
 
     grid: [B, h, w, D] tokens; weights: [B, M, h, w] fraction of each token covered by object m; obj_shape,
@@ -433,7 +449,8 @@ def grid_losses(grid: jax.Array, heads: Params, weights: jax.Array, obj_shape: j
       ``obj_relation`` [B, M] is given: the object's index m in the caption and the relation to object m + 1],
       averaged over real objects;
     * token heads (weight ``token_weight``): every token whose largest object covers at least ``min_cover`` of it
-      is labelled with that object's shape and colour, other tokens "background" (weighted ``background_weight``).
+      is labelled with that object's shape and colour, other tokens "background" (weighted ``background_weight``);
+    * with ``rms_weight`` > 0, that times :func:`token_rms_penalty` of the grid (keeps every token near RMS 1).
     """
     B = grid.shape[0]
     grid = grid.astype(jnp.float32)
@@ -474,6 +491,8 @@ def grid_losses(grid: jax.Array, heads: Params, weights: jax.Array, obj_shape: j
         loss = loss + token_weight * jnp.sum(ce * tok_w) / jnp.sum(tok_w)
         if name == "token_shape":
             tok_acc = jnp.sum((jnp.argmax(logits, -1) == lab) * on_obj) / jnp.maximum(jnp.sum(on_obj), 1.0)
+    if rms_weight:
+        loss = loss + rms_weight * token_rms_penalty(grid)
     return GridOut(loss, accs["shape"], accs["colour"], err, tok_acc, accs.get("order", jnp.zeros(())))
 
 

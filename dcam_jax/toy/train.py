@@ -87,6 +87,8 @@ class TrainConfig:
         phase-2 objective with the tower (and a frozen projector) unfrozen at ``finetune_tower_lr_mult`` x
         ``finetune_lr``, a fresh optimiser and schedule, on ``finetune_preset`` images; 0 steps skips it.
       aux_weight: weight of the object-level tower loss kept as an auxiliary loss in phase 2 (0 = off).
+      token_rms_weight: weight of ``tm.token_rms_penalty`` (every projected image token pulled towards RMS 1) in the
+        tower phases and, wherever the tower or projector trains, in phases 2 and 3 (0 = off).
       attention: "full" or "prefix_lm" (also stored in the model config).
       num_masks: maskings of each answer per step; with "prefix_lm" they share one prompt (image) computation.
       pad_weight: loss weight of the EOS padding tokens (1 = LLaDA SFT exactly; see tm.diffusion_loss).
@@ -119,6 +121,7 @@ class TrainConfig:
     finetune_tower_lr_mult: float = 0.25
     finetune_preset: str = "default"
     aux_weight: float = 0.0
+    token_rms_weight: float = 0.0
     attention: str = "full"
     num_masks: int = 1
     pad_weight: float = 0.05
@@ -328,7 +331,7 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
                     (b.centres_yx / np.float32(tcfg.view_size)).astype(np.float32))
 
         run_tower_phase("tower pretraining (single views)", tcfg.view_steps, tcfg.view_lr, view_batch,
-                        lambda p, h, b: tm.view_losses(p, h, pre_config, *b),
+                        lambda p, h, b: tm.view_losses(p, h, pre_config, *b, rms_weight=tcfg.token_rms_weight),
                         lambda acc, s, t: _tower_record(acc, s, t, "views"))
         if small:
             params = {**params, "vision": {**params["vision"], "pos_embed": tm.resize_pos_embed(
@@ -342,7 +345,8 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
                     hb.obj_centre, hb.obj_relation)
 
         run_tower_phase("tower pretraining (images)", tcfg.tower_steps, tcfg.tower_lr, image_batch,
-                        lambda p, h, b: tm.object_losses(p, h, config, geometry, *b),
+                        lambda p, h, b: tm.object_losses(p, h, config, geometry, *b,
+                                                         rms_weight=tcfg.token_rms_weight),
                         lambda acc, s, t: _tower_record(acc, s, t, "images"))
 
     # ---------------------------------------------------------------- phases 2 and 3: masked-diffusion captioning
@@ -354,6 +358,9 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
         state = opt.init(trainable)
 
         def make_step(freeze: bool):
+            # the penalty only acts where the image tokens get gradients
+            rms_weight = 0.0 if freeze and tcfg.freeze_projector else tcfg.token_rms_weight
+
             @jax.jit
             def lm_step(trainable, state, pix, ans, cls, wb, wh, sh, co, ce, key, tower_mult):
                 def loss_fn(tr):
@@ -361,7 +368,8 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
                                             attention=tcfg.attention, freeze_tower=freeze,
                                             aux=(tr["heads"], wb, wh, sh, co, ce) if tcfg.aux_weight else None,
                                             aux_weight=tcfg.aux_weight, num_masks=tcfg.num_masks,
-                                            freeze_projector=tcfg.freeze_projector, pad_weight=tcfg.pad_weight)
+                                            freeze_projector=tcfg.freeze_projector, pad_weight=tcfg.pad_weight,
+                                            rms_weight=rms_weight)
                     return out.loss, out
                 (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
                 upd, state = opt.update(g, state, trainable)
@@ -483,6 +491,8 @@ def _flags():
                        "(and of the projector with --freeze_projector).")
     flags.DEFINE_string("finetune_preset", d.finetune_preset, "Phase 3: ShapesWorld preset of the images.")
     flags.DEFINE_float("aux_weight", d.aux_weight, "Phase 2: weight of the object-level tower loss kept on.")
+    flags.DEFINE_float("token_rms_weight", d.token_rms_weight, "Weight of a penalty pulling every projected image "
+                       "token towards RMS 1 (tower phases, and phases 2-3 wherever the tower trains); 0 = off.")
     flags.DEFINE_enum("attention", d.attention, ["full", "prefix_lm"], "LM attention over [prompt | answer].")
     flags.DEFINE_integer("num_masks", d.num_masks, "Phase 2: maskings per answer per step (shared prompt with "
                          "--attention=prefix_lm).")
@@ -523,7 +533,8 @@ def main(argv):
                        tower_lr_mult=F.tower_lr_mult, aux_weight=F.aux_weight, attention=F.attention,
                        num_masks=F.num_masks, freeze_projector=F.freeze_projector, pad_weight=F.pad_weight,
                        gen_length=F.gen_length, finetune_steps=F.finetune_steps, finetune_lr=F.finetune_lr,
-                       finetune_tower_lr_mult=F.finetune_tower_lr_mult, finetune_preset=F.finetune_preset)
+                       finetune_tower_lr_mult=F.finetune_tower_lr_mult, finetune_preset=F.finetune_preset,
+                       token_rms_weight=F.token_rms_weight)
     config = tm.toy_config(attention=F.attention)
     if F.config_override:
         config = config_lib.override(config, F.config_override)

@@ -313,6 +313,47 @@ def test_object_losses_pool_over_masks(tok, layout):
     assert np.isfinite(logits).all()
 
 
+def test_token_rms_penalty_closed_form_and_in_the_losses(host_batch, tok):
+    # tokens with RMS 1, 2 and 0.5 (ln 2 = 0.693): penalty = mean(log(rms)^2) = (0 + 2 * ln(2)^2) / 3
+    d = 16
+    toks = np.stack([np.ones(d), 2 * np.ones(d), 0.5 * np.ones(d)]).astype(np.float32)
+    toks[1, ::2] *= -1  # signs do not matter
+    np.testing.assert_allclose(tm.token_rms_penalty(jnp.asarray(toks)), 2 * np.log(2.0) ** 2 / 3, rtol=1e-5)
+    assert float(tm.token_rms_penalty(jnp.ones((2, 5, d)))) < 1e-10
+    # it enters both training losses as weight x penalty of the image tokens
+    hb, _ = host_batch
+    cfg, params = tiny_config(), tiny_params()
+    g = tm.toy_geometry(cfg)
+    pix = jnp.asarray(hb.pixel_values)
+    pen = float(tm.token_rms_penalty(tm.image_blocks(params, cfg, pix, g)))
+    assert pen > 0.1
+    args = (params, cfg, g, tm.prompt_ids(cfg, tok), pix, jnp.asarray(hb.answers), jnp.asarray(hb.token_class),
+            jax.random.key(3))
+    base, withp = (float(tm.diffusion_loss(*args, rms_weight=w).loss) for w in (0.0, 0.5))
+    np.testing.assert_allclose(withp - base, 0.5 * pen, rtol=1e-4)
+    heads = tm.init_object_heads(jax.random.key(1), cfg.lm.d_model)
+    obj = (params, heads, cfg, g, pix, hb.obj_weights_base, hb.obj_weights_hi, hb.obj_shape, hb.obj_colour,
+           hb.obj_centre)
+    base, withp = (float(tm.object_losses(*obj, rms_weight=w).loss) for w in (0.0, 0.5))
+    np.testing.assert_allclose(withp - base, 0.5 * pen, rtol=1e-4)
+
+
+def test_token_rms_weight_pulls_the_image_tokens_to_rms_one(tok):
+    cfg = tiny_config()
+    init = tm.init_toy_params(jax.random.key(0), cfg)
+    g = tm.toy_geometry(cfg)
+    b = shapes.batch("validation", range(8), shapes.preset("easy"))
+    pix = jnp.asarray(tm.make_host_batch(b, cfg, tok, pimg.ImageProcessor(cfg), 8).pixel_values)
+    pens = {}
+    for w in (0.0, 1.0):
+        tcfg = ttrain.TrainConfig(view_steps=0, tower_steps=20, tower_batch=4, tower_lr=5e-3, tower_presets=("easy",),
+                                  lm_steps=0, finetune_steps=0, warmup_steps=2, token_rms_weight=w)
+        params, _ = ttrain.train(tcfg, cfg, tok, progress=False, params=init)
+        pens[w] = float(tm.token_rms_penalty(tm.image_blocks(params, cfg, pix, g)))
+    # measured: 6.9 without the penalty, 0.51 with it (the tokens of the init are far below RMS 1)
+    assert pens[1.0] < 0.25 * pens[0.0], pens
+
+
 # ----------------------------------------------------------------------------------------------------------
 # training
 
