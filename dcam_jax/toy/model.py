@@ -312,8 +312,8 @@ def diffusion_loss(params: Params, config: MLLMConfig, geometry: pimg.ImageGeome
     they share one prompt computation (LaViDa's Prefix-DLM trains with two complementary maskings this way).
     pad_weight: weight of the ``<|endoftext|>`` padding tokens in the sum (1 = LLaDA SFT exactly). With 32-token
     answers most tokens are padding, and a fresh LM learns the content words many times more slowly at weight 1.
-    rms_weight: weight of :func:`token_rms_penalty` of the image tokens (no effect while tower and projector are
-    frozen).
+    rms_weight: weight of :func:`token_rms_penalty` of the image token span (newline tokens of any-resolution layouts
+    included); it adds only a constant while tower and projector are frozen (train.py then passes 0).
 
     pixel_values: [B, n, S, S, 3]; answers, token_class: [B, G] int; ids: host prompt ids with one -200.
     aux: optional (heads, w_base, w_hi, obj_shape, obj_colour, obj_centre) for :func:`object_loss_on_blocks`,
