@@ -102,7 +102,7 @@ class TrainConfig:
     view_lr: float = 2e-3
     view_preset: str = "easy"
     view_size: int = 32
-    tower_steps: int = 6500
+    tower_steps: int = 8000
     tower_batch: int = 32
     tower_lr: float = 1.5e-3
     tower_presets: tuple[str, ...] = ("default",)
