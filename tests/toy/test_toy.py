@@ -647,8 +647,6 @@ def test_shipped_checkpoint_loads_and_captions():
 def test_shipped_checkpoint_was_trained_with_the_defaults():
     # `python -m dcam_jax.toy.train` with no flags must be the recipe of the shipped weights (the assets README
     # says so), so a change of a TrainConfig default without retraining fails here
-    from dcam_jax.toy import train as ttrain
-
     info = json.loads((ASSET / "dcam_checkpoint.json").read_text())["info"]
     assert info["trained_by"] == "python -m dcam_jax.toy.train" and info["init_checkpoint"] is None
     assert info["train_config"] == json.loads(json.dumps(dataclasses.asdict(ttrain.TrainConfig())))
