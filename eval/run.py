@@ -87,9 +87,11 @@ class RunConfig:
     score: Optional[str] = None
     attention: Optional[str] = None
     aggregation: Optional[str] = None
+    grad_rule: Optional[str] = None
     contrast: Optional[str] = None
     hook: Optional[str] = None
     num_noise_samples: Optional[int] = None
+    num_trajectory_states: Optional[int] = None
     overrides_apply_to: tuple[str, ...] = ()
     targets: str = "content"
     func_iou: bool = True
@@ -163,8 +165,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(f"--probe={cfg.probe!r}; expected one of {ex.PROBES}")
     if cfg.refine is not None:
         from dcam_jax.cam import refine as rf
-        if cfg.refine not in rf.PRESET_NAMES:
-            raise ValueError(f"--refine={cfg.refine!r}; expected one of {rf.PRESET_NAMES}")
+        try:
+            rf.refine_preset(cfg.refine)
+        except ValueError as err:
+            raise ValueError(f"--refine={cfg.refine!r}: {err}") from None
+    from dcam_jax.cam import attribution as attr
+    if cfg.grad_rule is not None and cfg.grad_rule not in attr.GRAD_RULES:
+        raise ValueError(f"--grad_rule={cfg.grad_rule!r}; expected one of {attr.GRAD_RULES}")
+    if cfg.aggregation is not None and cfg.aggregation not in attr.AGGREGATIONS:
+        raise ValueError(f"--aggregation={cfg.aggregation!r}; expected one of {attr.AGGREGATIONS}")
     if cfg.hook is not None and cfg.hook not in ("residual", "post_attn_norm"):
         raise ValueError(f"--hook={cfg.hook!r}; expected residual or post_attn_norm")
     if cfg.contrast is not None and cfg.contrast not in ("none", "runner_up") and not cfg.contrast.isdigit():
@@ -174,7 +183,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.faithfulness_baseline not in ("mean", "black"):
         raise ValueError(f"--faithfulness_baseline={cfg.faithfulness_baseline!r}; expected 'mean' or 'black'")
     for name in ("num_examples", "gen_length", "block_length", "steps", "mesh_model", "cam_batch_size",
-                 "faithfulness_steps", "faithfulness_batch_size"):
+                 "faithfulness_steps", "faithfulness_batch_size", "num_noise_samples", "num_trajectory_states"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name}={v} must be >= 1")
@@ -230,22 +239,28 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "the one the model was trained on.", **f)
     flags.DEFINE_integer("start_index", d.start_index, "First example index of the dataset to evaluate.", **f)
     flags.DEFINE_integer("num_examples", d.num_examples, "Number of examples (images) to evaluate.", **f)
-    flags.DEFINE_list("methods", list(d.methods), "Comma-separated methods: diffusion_cam, gradcam, llava_cam, "
-                      "tam, layercam, gradcam_pp, hirescam, and the pseudo-methods uniform (constant map) and "
-                      "random (uniform noise).", **f)
+    flags.DEFINE_list("methods", list(d.methods), "Comma-separated methods: diffusion_cam (the default: "
+                      "conservative gradients, per-token gradient x activation), paper (the paper's formulas as "
+                      "written), reference_compat (the authors' released code), gradcam (the authors' Grad-CAM "
+                      "baseline), llava_cam, tam, layercam, gradcam_pp, hirescam, and the pseudo-methods uniform "
+                      "(constant map) and random (uniform noise).", **f)
     flags.DEFINE_integer("layer", None, "Hooked LM block L for gradient methods (default: the method's, "
                          "n_layers // 3 for Diffusion-CAM).", **f)
-    flags.DEFINE_string("probe", None, "Probe state for gradient methods: decision | noise | clean | final "
-                        "(default: the method's).", **f)
-    flags.DEFINE_string("refine", None, "Refinement preset for gradient methods: full | none | akd | dacg | cba | "
-                        "sicd | reference_compat | reference_baseline (default: the method's).", **f)
+    flags.DEFINE_string("probe", None, "Probe state for gradient methods: decision | trajectory | noise | clean | "
+                        "final (default: the method's).", **f)
+    flags.DEFINE_string("refine", None, "Refinement preset for gradient methods: default | full | none | akd | "
+                        "dacg | cba | sicd | reference_compat | reference_baseline, optionally with field overrides "
+                        "NAME:FIELD=VALUE:... (e.g. full:akd_region_level=0.5) (default: the method's).", **f)
     flags.DEFINE_string("score", None, "Score for gradient methods: logprob | logit | max_logit | vocab_sum | "
                         "sum_logits (default: the method's).", **f)
     flags.DEFINE_string("attention", None, "full | prefix_lm for gradient methods (default: the model's).", **f)
     flags.DEFINE_string("aggregation", None, "How gradients and activations make the raw map, for gradient "
-                        "methods: gradcam (channel weights = mean gradient over the image grid; the SPEC's "
-                        "Diffusion-CAM) | hirescam (per-token sum of gradient x activation) | layercam | "
-                        "channel_relu_mean | gradcam_pp (default: the method's).", **f)
+                        "methods: gxa (per-token sum of gradient x activation; Diffusion-CAM's default) | gradcam "
+                        "(channel weights = mean gradient over the image grid; the paper's formula) | layercam | "
+                        "gradcam_pp | channel_relu_mean (the authors' code) (default: the method's).", **f)
+    flags.DEFINE_string("grad_rule", None, "Gradient rule of the attribution pass for gradient methods: standard | "
+                        "conservative_norm (RMSNorm scales held constant) | conservative (and attention "
+                        "probabilities held constant; Diffusion-CAM's default) (default: the method's).", **f)
     flags.DEFINE_string("contrast", None, "Contrastive score for gradient methods: none | runner_up (minus the "
                         "score of the runner-up token at the same position) | an answer position whose token's "
                         "score is subtracted (default: the method's, none).", **f)
@@ -253,8 +268,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "the SPEC's A) | post_attn_norm (the MLP input of block L after its RMSNorm, LLaVA-CAM's) "
                         "(default: the method's).", **f)
     flags.DEFINE_integer("num_noise_samples", None, "Probe states per token for --probe=noise.", **f)
+    flags.DEFINE_integer("num_trajectory_states", None, "Probe states per token for --probe=trajectory (evenly "
+                         "spaced from the start of generation to the decision state).", **f)
     flags.DEFINE_list("overrides_apply_to", [], "Methods that --layer/--probe/--refine/--score/--attention/"
-                      "--aggregation/--contrast/--hook/--num_noise_samples apply to (default: every gradient method "
+                      "--aggregation/--grad_rule/--contrast/--hook/--num_noise_samples/--num_trajectory_states "
+                      "apply to (default: every gradient method "
                       "in --methods; never tam, uniform, random).", **f)
     flags.DEFINE_enum("targets", d.targets, ["content", "all"], "content: explain object words (and function "
                       "words for Func-IoU); all: also every other word (recorded, not scored).", **f)
@@ -804,13 +822,15 @@ def cam_config_for(method: str, cfg: RunConfig):
     kw: dict[str, Any] = {"method": method, "batch_size": cfg.cam_batch_size}
     applies = method != "tam" and (not cfg.overrides_apply_to or method in cfg.overrides_apply_to)
     if applies:
-        for name in ("layer", "probe", "refine", "score", "attention", "aggregation", "hook"):
+        for name in ("layer", "probe", "refine", "score", "attention", "aggregation", "grad_rule", "hook"):
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
         if cfg.contrast is not None:
             kw["contrast"] = int(cfg.contrast) if cfg.contrast.isdigit() else cfg.contrast
         if cfg.num_noise_samples is not None:
             kw["num_noise_samples"] = cfg.num_noise_samples
+        if cfg.num_trajectory_states is not None:
+            kw["num_trajectory_states"] = cfg.num_trajectory_states
     return ex.CamConfig(**kw)
 
 

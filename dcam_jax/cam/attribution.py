@@ -11,11 +11,19 @@ The forward pass of a probe state is shared by every target explained at that st
 to a vmapped batch of cotangents); states are batched with ``jax.lax.map`` in chunks of ``batch_size`` so memory
 stays bounded at 8B scale.
 
+Gradient rules (``GradSpec.grad_rule``, SPEC 4.3; the forward values never change):
+  standard           the plain derivative
+  conservative_norm  every RMSNorm above the hook (each block's two and the final norm) differentiated with its
+                     1/rms factor held constant
+  conservative       as conservative_norm, and the attention probabilities held constant (relevance reaches the
+                     image tokens through the value path); with ``gxa`` this is gradient x input of a network whose
+                     gates are frozen at their forward values, a conservative decomposition (Ali et al. 2022)
+
 Aggregations (A, G: [H, W, C]):
-  gradcam            ReLU(sum_c w_c A_c),  w_c = mean_hw G            (standard Grad-CAM; the default)
+  gxa                ReLU(sum_c G_c A_c)                              (per-token gradient x activation; HiResCAM)
+  gradcam            ReLU(sum_c w_c A_c),  w_c = mean_hw G            (the Grad-CAM / paper formula)
   channel_relu_mean  mean_c ReLU(w_c A_c)                             (the authors' released code)
   layercam           ReLU(sum_c ReLU(G_c) A_c)
-  hirescam           ReLU(sum_c G_c A_c)
   gradcam_pp         ReLU(sum_c w_c A_c), w_c = sum_hw alpha ReLU(G),  alpha = G^2 / (2 G^2 + sum_hw A G^3)
 Weights optionally use ReLU(G) first (``grad_relu``, the authors' code and LLaVA-CAM).
 """
@@ -36,7 +44,8 @@ from dcam_jax.models.config import MLLMConfig
 Params = dict[str, Any]
 
 SCORES = ("logprob", "logit", "max_logit", "vocab_sum", "sum_logits")
-AGGREGATIONS = ("gradcam", "channel_relu_mean", "layercam", "hirescam", "gradcam_pp")
+AGGREGATIONS = ("gxa", "gradcam", "layercam", "gradcam_pp", "channel_relu_mean")
+GRAD_RULES = llada.GRAD_RULES
 HOOKS = ("residual", "post_attn_norm")
 
 
@@ -55,6 +64,7 @@ class GradSpec:
         of the contrast token at the contrast position given per target).
       aggregation: one of AGGREGATIONS.
       grad_relu: use ReLU(G) in the channel weights.
+      grad_rule: one of GRAD_RULES: how the upper network's RMSNorms and attention softmax are differentiated.
     """
 
     layer: int
@@ -64,9 +74,11 @@ class GradSpec:
     contrast: str = "none"
     aggregation: str = "gradcam"
     grad_relu: bool = False
+    grad_rule: str = "standard"
 
     def __post_init__(self):
         for name, value, allowed in (("hook", self.hook, HOOKS), ("score", self.score, SCORES),
+                                     ("grad_rule", self.grad_rule, GRAD_RULES),
                                      ("aggregation", self.aggregation, AGGREGATIONS),
                                      ("contrast", self.contrast, ("none", "runner_up", "position")),
                                      ("attention", self.attention, llada.ATTENTION_MODES)):
@@ -110,7 +122,7 @@ def aggregate(A: jax.Array, G: jax.Array, aggregation: str, grad_relu: bool = Fa
         return jax.nn.relu(A * Gw.mean(axis=(0, 1))).mean(-1)
     if aggregation == "layercam":
         return jax.nn.relu(jnp.sum(jax.nn.relu(G) * A, -1))
-    if aggregation == "hirescam":
+    if aggregation == "gxa":
         return jax.nn.relu(jnp.sum(Gw * A, -1))
     if aggregation == "gradcam_pp":
         g2, g3 = G * G, G * G * G
@@ -128,12 +140,12 @@ def aggregate(A: jax.Array, G: jax.Array, aggregation: str, grad_relu: bool = Fa
 def _lower_upper(lm: Params, cfg, spec: GradSpec, h0: jax.Array, positions, bias):
     """Return (A, upper) with A the hooked activation [1, T, D] and upper(A) -> final hidden [1, T, D]."""
     layers = lm["layers"]
-    L = spec.layer
+    L, rule = spec.layer, spec.grad_rule
     if spec.hook == "residual":
         A = llada.run_blocks(layers, cfg, h0, positions=positions, bias=bias, stop=L + 1)
 
         def upper(a):
-            return llada.run_blocks(layers, cfg, a, positions=positions, bias=bias, start=L + 1)
+            return llada.run_blocks(layers, cfg, a, positions=positions, bias=bias, start=L + 1, grad_rule=rule)
 
         return A, upper
     h_in = llada.run_blocks(layers, cfg, h0, positions=positions, bias=bias, stop=L)
@@ -144,7 +156,7 @@ def _lower_upper(lm: Params, cfg, spec: GradSpec, h0: jax.Array, positions, bias
 
     def upper(m):
         h = llada.mlp_half(lp, h_mid, m)
-        return llada.run_blocks(layers, cfg, h, positions=positions, bias=bias, start=L + 1)
+        return llada.run_blocks(layers, cfg, h, positions=positions, bias=bias, start=L + 1, grad_rule=rule)
 
     return A, upper
 
@@ -169,7 +181,7 @@ def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, P: int, answer: jax.A
 
     def logits_at(q):
         x = jax.lax.dynamic_slice_in_dim(hN, P + q, 1, axis=1)  # [1, 1, D]
-        return llada.final_logits(lm, cfg, x)[0, 0]  # [V]
+        return llada.final_logits(lm, cfg, x, spec.grad_rule)[0, 0]  # [V]
 
     def one(q, y):
         lg = logits_at(q)
@@ -184,7 +196,7 @@ def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, P: int, answer: jax.A
         raise AssertionError(spec.score)
 
     if spec.score == "sum_logits":
-        lg = llada.final_logits(lm, cfg, hN[:, P:])[0]  # [G, V]
+        lg = llada.final_logits(lm, cfg, hN[:, P:], spec.grad_rule)[0]  # [G, V]
         return jnp.sum(jnp.where(answer_valid, jnp.take_along_axis(lg, answer[:, None], 1)[:, 0], 0.0))
     s = one(pos, tok)
     if spec.contrast == "runner_up":
@@ -281,6 +293,24 @@ def decision_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequen
     cs = np.asarray(commit_step)
     s = cs[np.asarray(targets)][:, None]
     return np.where(cs[None, :] < s, tokens[None, :], mask_id).astype(np.int32)
+
+
+def trajectory_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequence[int], num_states: int,
+                      mask_id: int) -> np.ndarray:
+    """States along the denoising trajectory up to each target's decision: for target p with commit step c_p,
+    the states at steps s_k = round(k * c_p / (K - 1)), k = 0..K-1 (s = 0: everything masked; s = c_p: the
+    decision state), state_s = where(commit_step < s, tokens, MASK). K = 1 gives the decision state alone.
+
+    tokens, commit_step: [G]; targets: answer positions -> [len(targets), K, G] int32 (position p masked in all).
+    """
+    if num_states < 1:
+        raise ValueError(f"num_trajectory_states={num_states} must be >= 1")
+    tokens = np.asarray(tokens)
+    cs = np.asarray(commit_step)
+    c = cs[np.asarray(targets)].astype(np.float64)  # [T]
+    frac = np.linspace(0.0, 1.0, num_states) if num_states > 1 else np.ones(1)
+    steps = np.rint(c[:, None] * frac[None, :])  # [T, K]
+    return np.where(cs[None, None, :] < steps[..., None], tokens[None, None, :], mask_id).astype(np.int32)
 
 
 def noise_states(tokens: np.ndarray, targets: Sequence[int], ratios: Sequence[float], key: jax.Array,

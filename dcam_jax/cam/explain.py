@@ -20,8 +20,9 @@ from dcam_jax.models import llada
 from dcam_jax.models.config import MLLMConfig
 from dcam_jax.models.mllm import ImageLayout
 
-METHODS = ("diffusion_cam", "gradcam", "llava_cam", "tam", "layercam", "gradcam_pp", "hirescam")
-PROBES = ("decision", "noise", "clean", "final")
+METHODS = ("diffusion_cam", "paper", "reference_compat", "gradcam", "llava_cam", "tam", "layercam", "gradcam_pp",
+           "hirescam")
+PROBES = ("decision", "trajectory", "noise", "clean", "final")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,20 +30,26 @@ class CamConfig:
     """How to explain answer tokens.
 
     Attributes:
-      method: "diffusion_cam" (default), "gradcam" (the authors' Grad-CAM baseline), "llava_cam", "tam",
-        "layercam", "gradcam_pp", "hirescam". Fields left as None take the method's preset (see
-        :func:`resolve`); anything set explicitly wins.
+      method: "diffusion_cam" (default: decision probe, conservative gradients, per-token gradient x activation,
+        the default refinement), "paper" (the paper's formulas as written: standard gradients, channel-weighted
+        Grad-CAM, the full refinement chain), "reference_compat" (the authors' released code), "gradcam" (the
+        authors' Grad-CAM baseline), "llava_cam", "tam", "layercam", "gradcam_pp", "hirescam". Fields left as None
+        take the method's preset (see :func:`resolve`); anything set explicitly wins.
       layer: hooked block index L (None: the method's default; Diffusion-CAM: n_layers // 3, i.e. 10 of 32).
-      probe: "decision" (the state just before the token was committed), "noise" (K random re-maskings of the
-        final answer, the target always masked), "clean" (the final answer, teacher-forced), "final" (the state
-        before the last denoising step; the authors' Grad-CAM baseline).
+      probe: "decision" (the state just before the token was committed), "trajectory" (``num_trajectory_states``
+        states evenly spaced from the start of generation to the decision state, averaged), "noise" (K random
+        re-maskings of the final answer, the target always masked), "clean" (the final answer, teacher-forced),
+        "final" (the state before the last denoising step; the authors' Grad-CAM baseline).
       attention: "full" or "prefix_lm"; None: the model's native attention.
       score: "logprob", "logit", "max_logit", "vocab_sum", "sum_logits" (see attribution.GradSpec).
       contrast: "none", "runner_up", or an int answer position whose token is subtracted.
       num_noise_samples / noise_ratios: for probe "noise" (ratios default to an even grid inside (0, 1)).
+      num_trajectory_states: for probe "trajectory" (K >= 1 states; K = 1 is the decision state).
       view: "highres" or "base" (the base view of any-resolution layouts); None: high-res when present.
-      aggregation, grad_relu, hook: see attribution.
-      refine: a RefineConfig, a preset name ("full", "none", "akd", "dacg", "cba", "sicd", "reference_compat"),
+      grad_rule: "standard", "conservative_norm" or "conservative" (see attribution; the backward pass only).
+      aggregation: "gxa", "gradcam", "layercam", "gradcam_pp", "channel_relu_mean" (see attribution).
+      grad_relu, hook: see attribution.
+      refine: a RefineConfig, a preset name of ``refine.PRESET_NAMES`` ("default", "full", "none", "akd", ...),
         or None for the method's default.
       threshold: after max-normalisation, values below it set to 0 (LLaVA-CAM 0.5); None for none.
       batch_size: probe states per vmapped chunk (bounds memory on large models).
@@ -56,7 +63,9 @@ class CamConfig:
     contrast: Any = None
     num_noise_samples: int = 4
     noise_ratios: tuple[float, ...] | None = None
+    num_trajectory_states: int = 4
     view: str | None = None
+    grad_rule: str | None = None
     aggregation: str | None = None
     grad_relu: bool | None = None
     hook: str | None = None
@@ -69,8 +78,19 @@ class CamConfig:
             raise ValueError(f"method={self.method!r}; expected one of {METHODS}")
         if self.probe is not None and self.probe not in PROBES:
             raise ValueError(f"probe={self.probe!r}; expected one of {PROBES}")
+        if self.grad_rule is not None and self.grad_rule not in attr.GRAD_RULES:
+            raise ValueError(f"grad_rule={self.grad_rule!r}; expected one of {attr.GRAD_RULES}")
+        if self.aggregation is not None and self.aggregation not in attr.AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r}; expected one of {attr.AGGREGATIONS}")
+        if self.hook is not None and self.hook not in attr.HOOKS:
+            raise ValueError(f"hook={self.hook!r}; expected one of {attr.HOOKS}")
+        if self.score is not None and self.score not in attr.SCORES:
+            raise ValueError(f"score={self.score!r}; expected one of {attr.SCORES}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.num_noise_samples < 1 or self.num_trajectory_states < 1:
+            raise ValueError(f"num_noise_samples={self.num_noise_samples} and num_trajectory_states="
+                             f"{self.num_trajectory_states} must be >= 1")
         if self.noise_ratios is not None:
             r = tuple(float(x) for x in self.noise_ratios)
             if not r or any(not 0.0 <= x < 1.0 for x in r):
@@ -79,31 +99,48 @@ class CamConfig:
 
 
 # method presets: every field a method fixes; user-set fields win
+_GRAD_BASE = dict(score="logprob", contrast="none", grad_relu=False, hook="residual", refine="none",
+                  grad_rule="standard")
 _PRESETS = {
-    "diffusion_cam": dict(probe="decision", score="logprob", contrast="none", aggregation="gradcam",
-                          grad_relu=False, hook="residual", refine="full"),
-    "gradcam": dict(probe="final", attention="prefix_lm", score="max_logit", contrast="none",
-                    aggregation="channel_relu_mean", grad_relu=False, hook="residual", refine="none"),
-    "llava_cam": dict(probe="clean", score="sum_logits", contrast="none", aggregation="gradcam", grad_relu=True,
-                      hook="post_attn_norm", refine="none", threshold=0.5),
+    # SPEC 4.3: the default, chosen on ShapesWorld validation by the protocol of SPEC 4.6
+    "diffusion_cam": dict(_GRAD_BASE, probe="decision", grad_rule="conservative", aggregation="gxa",
+                          refine="default"),
+    # the paper's formulas as written: plain gradients, channel-weighted Grad-CAM, the whole module chain
+    "paper": dict(_GRAD_BASE, probe="decision", aggregation="gradcam", refine="full"),
+    # the authors' released code (SPEC 4.5)
+    "reference_compat": dict(_GRAD_BASE, probe="clean", score="vocab_sum", contrast="previous",
+                             aggregation="channel_relu_mean", grad_relu=True, refine="reference_compat"),
+    "gradcam": dict(_GRAD_BASE, probe="final", attention="prefix_lm", score="max_logit",
+                    aggregation="channel_relu_mean"),
+    "llava_cam": dict(_GRAD_BASE, probe="clean", score="sum_logits", aggregation="gradcam", grad_relu=True,
+                      hook="post_attn_norm", threshold=0.5),
     # TAM is gradient-free: score, aggregation and hook do not apply (filled only so the config is complete)
-    "tam": dict(probe="clean", score="logit", contrast="none", aggregation="gradcam", grad_relu=False,
-                hook="residual", refine="none"),
-    "layercam": dict(probe="decision", score="logprob", contrast="none", aggregation="layercam", grad_relu=False,
-                     hook="residual", refine="none"),
-    "gradcam_pp": dict(probe="decision", score="logprob", contrast="none", aggregation="gradcam_pp",
-                       grad_relu=False, hook="residual", refine="none"),
-    "hirescam": dict(probe="decision", score="logprob", contrast="none", aggregation="hirescam", grad_relu=False,
-                     hook="residual", refine="none"),
+    "tam": dict(_GRAD_BASE, probe="clean", score="logit", aggregation="gradcam"),
+    "layercam": dict(_GRAD_BASE, probe="decision", aggregation="layercam"),
+    "gradcam_pp": dict(_GRAD_BASE, probe="decision", aggregation="gradcam_pp"),
+    "hirescam": dict(_GRAD_BASE, probe="decision", aggregation="gxa"),
 }
+
+
+def preset_fields(method: str) -> dict:
+    """The fields a method's preset fixes (a copy), e.g. ``preset_fields("diffusion_cam")["grad_rule"]``."""
+    if method not in _PRESETS:
+        raise ValueError(f"method={method!r}; expected one of {METHODS}")
+    return dict(_PRESETS[method])
 
 
 def reference_compat() -> CamConfig:
     """The authors' released Diffusion-CAM behaviour (SPEC 4.5): clean teacher-forced forward, vocab-sum score
     contrasted with the previous answer token, ReLU on gradients, mean of per-channel ReLU, and the
-    ``reference_compat`` refinement (k = 3, DACG a no-op, SICD always on). Never the default."""
-    return CamConfig(method="diffusion_cam", probe="clean", score="vocab_sum", contrast="previous",
-                     aggregation="channel_relu_mean", grad_relu=True, refine="reference_compat")
+    ``reference_compat`` refinement (k = 3, DACG a no-op, SICD always on). Never the default.
+    The same as ``CamConfig(method="reference_compat")``."""
+    return CamConfig(method="reference_compat")
+
+
+def paper() -> CamConfig:
+    """The paper's formulas as written: decision probe, standard gradients, channel-weighted Grad-CAM, the full
+    AKD -> DACG -> CBA -> SICD chain with the paper's constants. The same as ``CamConfig(method="paper")``."""
+    return CamConfig(method="paper")
 
 
 def resolve(cam: CamConfig, config: MLLMConfig) -> CamConfig:
@@ -233,7 +270,7 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
     mask_id = config.lm.mask_id
     mode, cpos, ctok = _contrast_for(cam, targets, answer)
     spec = attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention, score=cam.score, contrast=mode,
-                         aggregation=cam.aggregation, grad_relu=cam.grad_relu)
+                         aggregation=cam.aggregation, grad_relu=cam.grad_relu, grad_rule=cam.grad_rule)
     T = len(targets)
     args = (params, config, spec, cam.batch_size, prompt_embeds, jnp.asarray(img), None, jnp.asarray(answer),
             jnp.asarray(valid))
@@ -270,13 +307,21 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
             state = answer
         maps, scores = run(state[None], targets[None], answer[targets][None], cpos[None], ctok[None])
         return maps[0], scores[0]
+    if cam.probe in ("decision", "trajectory") and commit_step is None:
+        raise ValueError(f"probe={cam.probe!r} needs the generation trajectory (commit_step): let explain() "
+                         "generate the answer (or pass generation=...), or use probe='noise' or 'clean' for a "
+                         "given answer")
     if cam.probe == "decision":
-        if commit_step is None:
-            raise ValueError("probe='decision' needs the generation trajectory (commit_step): let explain() generate "
-                             "the answer, or use probe='noise' or 'clean' for a given answer")
         states = attr.decision_states(answer, commit_step, targets, mask_id)
         maps, scores = run(states, targets[:, None], answer[targets][:, None], cpos[:, None], ctok[:, None])
         return maps[:, 0], scores[:, 0]
+    if cam.probe == "trajectory":
+        K = cam.num_trajectory_states
+        states = attr.trajectory_states(answer, commit_step, targets, K, mask_id)  # [T, K, G]
+        rep = lambda a: np.repeat(a, K)[:, None]
+        maps, scores = run(states.reshape(T * K, G), rep(targets), rep(answer[targets]), rep(cpos), rep(ctok))
+        H, W = img.shape
+        return maps.reshape(T, K, H, W).mean(1), scores.reshape(T, K).mean(1)
     # noise: K states per target, averaged
     ratios = cam.noise_ratios or attr.default_noise_ratios(cam.num_noise_samples)
     if key is None:

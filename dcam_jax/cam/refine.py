@@ -75,6 +75,8 @@ __all__ = [
     "PRESET_NAMES",
     "RefineConfig",
     "adaptive_kernel_size",
+    "kernel_sizes_for",
+    "region_kernel_cap",
     "akd",
     "akd_multi",
     "cba",
@@ -110,6 +112,9 @@ class RefineConfig:
     AKD: ``akd_kernel_size`` fixes k (odd int); None uses the adaptive rule
     ``k = clamp_odd(int(akd_base * min(S/akd_step_div, akd_step_cap) * min(akd_std_mult*std,
     akd_std_cap) * min(R/akd_size_div, akd_size_cap)), akd_min_kernel, akd_max_kernel)``.
+    ``akd_region_level`` (None: off) caps k per map at the map's high-relevance region: the
+    largest odd k with k * k <= #{tokens >= akd_region_level * max}; a cap of 1 leaves the map
+    as it is (see :func:`region_kernel_cap`).
 
     DACG: percentile ``dacg_alpha_high_var`` if sigma > ``dacg_delta_sigma``, else
     ``dacg_alpha_high_mean`` if mu > ``dacg_delta_mu``, else ``dacg_alpha_low_mean`` if
@@ -149,6 +154,7 @@ class RefineConfig:
     akd_size_cap: float = 1.5
     akd_min_kernel: int = 3
     akd_max_kernel: int = 11
+    akd_region_level: float | None = None
     # DACG
     dacg_delta_sigma: float = 0.22
     dacg_delta_mu: float = 0.35
@@ -220,11 +226,13 @@ class RefineConfig:
             bad("sicd_alpha_cap", "None or a number >= 0")
         if self.sicd_range_guard is not None and not 0.0 <= self.sicd_range_guard <= 1.0:
             bad("sicd_range_guard", "None or a fraction in [0, 1]")
+        if self.akd_region_level is not None and not 0.0 < self.akd_region_level <= 1.0:
+            bad("akd_region_level", "None or a number in (0, 1]")
         if self.baseline_threshold is not None and not 0.0 <= self.baseline_threshold <= 1.0:
             bad("baseline_threshold", "None or a number in [0, 1]")
 
 
-PRESET_NAMES = ("full", "none", "akd", "dacg", "cba", "sicd", "reference_compat",
+PRESET_NAMES = ("default", "full", "none", "akd", "dacg", "cba", "sicd", "reference_compat",
                 "reference_baseline")
 
 
@@ -232,6 +240,8 @@ def refine_preset(name: str) -> RefineConfig:
     """Named configurations, optionally with field overrides: ``"full:akd_kernel_size=3"``,
     ``"akd:akd_kernel_size=5:dacg=true"`` (``NAME[:FIELD=VALUE]...``, values parsed as JSON).
 
+    - ``default``: the chain of the ``diffusion_cam`` method, chosen by the ablation of SPEC 4.6
+      (docs/explanation_quality.md): no module, only clip-and-normalise.
     - ``full``: every module with the SPEC defaults (adaptive AKD kernel, spatial DACG blur).
     - ``none``: no module; only clip-and-normalise (the raw map min-max normalised).
     - ``akd`` / ``dacg`` / ``cba`` / ``sicd``: that module alone, plus clip-and-normalise (clean
@@ -261,6 +271,8 @@ def refine_preset(name: str) -> RefineConfig:
     off = dict(akd=False, dacg=False, cba=False, sicd=False)
     if name == "full":
         return base
+    if name == "default":
+        return dataclasses.replace(base, **off)
     if name == "none":
         return dataclasses.replace(base, **off)
     if name in ("akd", "dacg", "cba", "sicd"):
@@ -637,6 +649,35 @@ def akd_multi(maps, kernel_sizes, candidates: Sequence[int] = (3, 5, 7, 9, 11)):
     return out
 
 
+def region_kernel_cap(maps, level: float):
+    """The largest odd window that fits the map's high-relevance region (grid-aware AKD cap).
+
+    n = #{tokens >= level * max of the map}; cap = the largest odd k with k * k <= n (1 when the
+    region has fewer than 9 tokens: AKD then leaves the map unchanged). A window wider than the
+    region mixes the object's tokens with their background, so a rank filter of that size spreads
+    a small object's evidence instead of denoising it. maps: [..., H, W] -> int32 [...] (odd >= 1).
+    """
+    x = _as_maps(maps, "maps").astype(jnp.float32)
+    mx = jnp.max(x, axis=(-2, -1), keepdims=True)
+    n = jnp.sum((x >= level * mx) & (mx > 0), axis=(-2, -1))
+    side = jnp.floor(jnp.sqrt(n.astype(jnp.float32) + 1e-3)).astype(jnp.int32)
+    return jnp.maximum(jnp.where(side % 2 == 0, side - 1, side), 1)
+
+
+def kernel_sizes_for(raw_maps, config: "RefineConfig", num_steps=None, image_long_side=None):
+    """Per-map AKD kernel sizes of ``config`` (jit-able): the fixed size or the adaptive rule, then the
+    region cap when ``config.akd_region_level`` is set. raw_maps: [..., H, W] -> int32 [...]."""
+    raw = _as_maps(raw_maps, "raw_maps")
+    if config.akd_kernel_size is not None:
+        k = jnp.full(raw.shape[:-2], config.akd_kernel_size, jnp.int32)
+    else:
+        k = adaptive_kernel_size(jnp.std(raw, axis=(-2, -1)), num_steps, image_long_side,
+                                 **_akd_constants(config))
+    if config.akd_region_level is not None:
+        k = jnp.minimum(k, region_kernel_cap(raw, config.akd_region_level))
+    return k
+
+
 def adaptive_kernel_size(map_std, num_steps, image_long_side, *, base: float = 3.0,
                          step_div: float = 16.0, step_cap: float = 2.0, std_mult: float = 5.0,
                          std_cap: float = 2.0, size_div: float = 512.0, size_cap: float = 1.5,
@@ -910,21 +951,19 @@ def refine_arrays(raw_maps, config: RefineConfig, *, kernel_sizes=None,
     if config.akd:
         if akd_maps is not None:
             x = _as_maps(akd_maps, "akd_maps")
-        elif config.akd_kernel_size is not None:
+        elif config.akd_kernel_size is not None and config.akd_region_level is None:
             x = akd(x, config.akd_kernel_size)
         else:
             if kernel_sizes is None:
-                if num_steps is None or image_long_side is None:
+                if config.akd_kernel_size is None and (num_steps is None or image_long_side is None):
                     raise ValueError(
                         "refine: the adaptive AKD kernel needs num_steps (real denoising steps) "
                         "and image_long_side (pixels), or explicit kernel_sizes; or set "
                         "RefineConfig.akd_kernel_size.")
-                kernel_sizes = adaptive_kernel_size(
-                    jnp.std(raw, axis=(-2, -1)), num_steps, image_long_side,
-                    **_akd_constants(config))
+                kernel_sizes = kernel_sizes_for(raw, config, num_steps, image_long_side)
             if kernel_candidates is None:
-                kernel_candidates = tuple(range(config.akd_min_kernel, config.akd_max_kernel + 1,
-                                                2))
+                lo = 1 if config.akd_region_level is not None else config.akd_min_kernel
+                kernel_candidates = tuple(range(lo, config.akd_max_kernel + 1, 2))
             x = akd_multi(x, kernel_sizes, kernel_candidates)
     if config.dacg:
         x = dacg(x, config.dacg_sigma, delta_sigma=config.dacg_delta_sigma,
@@ -968,8 +1007,7 @@ _refine_jit = jax.jit(refine_arrays,
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _adaptive_sizes(raw, num_steps, image_long_side, config):
-    return adaptive_kernel_size(jnp.std(raw, axis=(-2, -1)), num_steps, image_long_side,
-                                **_akd_constants(config))
+    return kernel_sizes_for(raw, config, num_steps, image_long_side)
 
 
 _akd_jit = jax.jit(akd, static_argnums=1)
@@ -993,9 +1031,9 @@ def _akd_grouped(raw, kernel_sizes: np.ndarray):
     ks = kernel_sizes.reshape(-1)
     sizes = np.unique(ks)
     if len(sizes) == 1:
-        return _akd_jit(raw, int(sizes[0]))
-    out = jnp.zeros_like(flat)
-    for k in sizes:
+        return raw if int(sizes[0]) == 1 else _akd_jit(raw, int(sizes[0]))
+    out = flat  # a window of 1 is the identity: maps of size 1 keep their values
+    for k in sizes[sizes > 1]:
         idx = np.flatnonzero(ks == k)
         size = min(n, max(_AKD_CHUNK, 1 << (len(idx) - 1).bit_length()))
         idx = np.concatenate([idx, np.full(size - len(idx), idx[0])]).astype(np.int32)
@@ -1063,7 +1101,10 @@ def refine(raw_maps, config: RefineConfig | None = None, *, token_ids=None, vali
     if not config.sicd_ignore_invalid:
         valid, ignore_ids = None, ()           # unused by the chain; keeps one compiled version
     akd_maps = None
-    if config.akd and config.akd_kernel_size is None:
+    if config.akd and config.akd_kernel_size is not None and config.akd_region_level is not None:
+        sizes = np.asarray(_adaptive_sizes(raw, 1, 1, config))
+        akd_maps = _akd_grouped(raw, sizes)
+    elif config.akd and config.akd_kernel_size is None:
         if num_steps is None or image_long_side is None:
             raise ValueError(
                 "refine: the adaptive AKD kernel (RefineConfig.akd_kernel_size=None) needs "

@@ -22,6 +22,12 @@ Parameter pytree (``params["lm"]``; shapes for ``LMConfig`` with N layers):
 ``lm_head``            [D, V]
 =====================  ================================
 
+Gradient rules (a static switch of the backward pass; forward values never change): ``"standard"`` (the plain
+derivative), ``"conservative_norm"`` (every RMSNorm is differentiated with its 1/rms factor held constant) and
+``"conservative"`` (as ``conservative_norm``, and the attention probabilities held constant too, so gradients reach
+other tokens only through the value path). They exist for the attribution pass (SPEC 4.3); the sampler and every
+other caller use ``"standard"``.
+
 Attention modes: ``"full"`` (bidirectional; LLaDA, LLaDA-V) and ``"prefix_lm"`` (LaViDa Prefix-DLM: a query at a
 position < ``prefix_len`` sees only keys < ``prefix_len``; answer queries see everything). An optional key
 validity mask removes padded keys. Positions are explicit, so padding never shifts RoPE phases.
@@ -40,11 +46,19 @@ from dcam_jax.models.layers import linear
 
 Params = dict[str, Any]
 ATTENTION_MODES = ("full", "prefix_lm")
+GRAD_RULES = ("standard", "conservative_norm", "conservative")
 _NEG_INF = -1e30
 
 
 def compute_dtype(cfg: LMConfig):
     return jnp.dtype(cfg.dtype)
+
+
+def check_grad_rule(grad_rule: str) -> tuple[bool, bool]:
+    """Validate a gradient rule; -> (hold the RMSNorm scales, hold the attention probabilities)."""
+    if grad_rule not in GRAD_RULES:
+        raise ValueError(f"grad_rule={grad_rule!r}; expected one of {GRAD_RULES}")
+    return grad_rule != "standard", grad_rule == "conservative"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -75,13 +89,15 @@ def init_lm_params(key: jax.Array, cfg: LMConfig, dtype: str | None = None, scal
 # building blocks
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, *, hold_scale: bool = False) -> jax.Array:
     """RMSNorm as in LLaDA / LlamaRMSNorm: normalise in float32, cast back, then multiply by ``scale``.
 
-    x: [..., D]; scale: [D]. Returns x's dtype.
+    x: [..., D]; scale: [D]. Returns x's dtype. ``hold_scale``: differentiate with the 1/rms factor held
+    constant (``x * stop_gradient(rsqrt(mean(x^2) + eps))``; the conservative gradient rules); same values.
     """
     xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    y = xf * (jax.lax.stop_gradient(inv) if hold_scale else inv)
     return y.astype(x.dtype) * scale.astype(x.dtype)
 
 
@@ -127,36 +143,40 @@ def attention_bias(q_pos_idx: jax.Array, k_len: int, *, attention: str = "full",
     return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, :, :]
 
 
-def _attend(q, k, v, bias, cfg: LMConfig):
-    """q: [B, Tq, H, Dh]; k, v: [B, Tk, KV, Dh]; bias: [B|1, 1, Tq, Tk] or None -> [B, Tq, H*Dh]."""
+def _attend(q, k, v, bias, cfg: LMConfig, hold_probs: bool = False):
+    """q: [B, Tq, H, Dh]; k, v: [B, Tk, KV, Dh]; bias: [B|1, 1, Tq, Tk] or None -> [B, Tq, H*Dh].
+
+    hold_probs: differentiate with the softmax probabilities held constant (the ``conservative`` rule)."""
     B, Tq, H, Dh = q.shape
     KV = k.shape[2]
     qg = q.reshape(B, Tq, KV, H // KV, Dh)
     s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / np.sqrt(Dh)
     if bias is not None:
         s = s + bias[:, :, None]  # [B, 1, 1, Tq, Tk] broadcast over (KV, G)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    p = jax.nn.softmax(s, axis=-1)
+    p = (jax.lax.stop_gradient(p) if hold_probs else p).astype(v.dtype)
     o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
     return o.reshape(B, Tq, H * Dh)
 
 
 def attention_half(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,
-                   cache_kv: tuple[jax.Array, jax.Array] | None = None):
+                   cache_kv: tuple[jax.Array, jax.Array] | None = None, grad_rule: str = "standard"):
     """First half of a block: h + Attn(RMSNorm(h)). Returns (h_mid [B, T, D], (k, v) of these tokens)."""
+    hold_norm, hold_probs = check_grad_rule(grad_rule)
     B, T, _ = h.shape
-    a = rms_norm(h, lp["attn_norm"], cfg.rms_eps)
+    a = rms_norm(h, lp["attn_norm"], cfg.rms_eps, hold_scale=hold_norm)
     q = linear(a, lp["q"]).reshape(B, T, cfg.n_heads, cfg.head_dim)
     k = linear(a, lp["k"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     v = linear(a, lp["v"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = (k, v) if cache_kv is None else (jnp.concatenate([cache_kv[0], k], 1),
                                                      jnp.concatenate([cache_kv[1], v], 1))
-    return h + linear(_attend(q, k_all, v_all, bias, cfg), lp["o"]), (k, v)
+    return h + linear(_attend(q, k_all, v_all, bias, cfg, hold_probs), lp["o"]), (k, v)
 
 
-def mlp_norm(lp: Params, h_mid: jax.Array, cfg: LMConfig) -> jax.Array:
+def mlp_norm(lp: Params, h_mid: jax.Array, cfg: LMConfig, grad_rule: str = "standard") -> jax.Array:
     """The post-attention RMSNorm output (the MLP input), the activation LLaVA-CAM hooks. [B, T, D]."""
-    return rms_norm(h_mid, lp["mlp_norm"], cfg.rms_eps)
+    return rms_norm(h_mid, lp["mlp_norm"], cfg.rms_eps, hold_scale=check_grad_rule(grad_rule)[0])
 
 
 def mlp_half(lp: Params, h_mid: jax.Array, m: jax.Array) -> jax.Array:
@@ -166,14 +186,15 @@ def mlp_half(lp: Params, h_mid: jax.Array, m: jax.Array) -> jax.Array:
 
 
 def block(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,
-          cache_kv: tuple[jax.Array, jax.Array] | None = None):
+          cache_kv: tuple[jax.Array, jax.Array] | None = None, grad_rule: str = "standard"):
     """One LLaDA block. lp: one layer's params (no leading layer axis); h: [B, T, D].
 
     cache_kv: optional (k, v) [B, P, KV, Dh] of a cached prefix (RoPE already applied to k); the block's own keys
-    are appended after them. Returns (h_out [B, T, D], (k, v) of this block's own tokens, RoPE applied).
+    are appended after them. grad_rule: one of GRAD_RULES (backward pass only).
+    Returns (h_out [B, T, D], (k, v) of this block's own tokens, RoPE applied).
     """
-    h_mid, kv = attention_half(lp, h, cos, sin, bias, cfg, cache_kv)
-    return mlp_half(lp, h_mid, mlp_norm(lp, h_mid, cfg)), kv
+    h_mid, kv = attention_half(lp, h, cos, sin, bias, cfg, cache_kv, grad_rule)
+    return mlp_half(lp, h_mid, mlp_norm(lp, h_mid, cfg, grad_rule)), kv
 
 
 def layer_params(layers: Params, i: int) -> Params:
@@ -186,7 +207,8 @@ def _slice_layers(layers: Params, start: int, stop: int) -> Params:
 
 
 def run_blocks(layers: Params, cfg: LMConfig, h: jax.Array, *, positions: jax.Array, bias=None,
-               start: int = 0, stop: int | None = None, cache_kv=None, return_kv: bool = False):
+               start: int = 0, stop: int | None = None, cache_kv=None, return_kv: bool = False,
+               grad_rule: str = "standard"):
     """Run blocks ``[start, stop)`` with ``lax.scan`` over the stacked layer params.
 
     layers: the stacked ``params["lm"]["layers"]``; h: [B, T, D] residual stream entering block ``start``;
@@ -194,7 +216,9 @@ def run_blocks(layers: Params, cfg: LMConfig, h: jax.Array, *, positions: jax.Ar
     cache_kv: optional stacked (k, v) [stop-start, B, P, KV, Dh] of a cached prefix for the same layers.
     Returns h after block ``stop - 1`` ([B, T, D]), and with ``return_kv`` also the stacked (k, v)
     [stop-start, B, T, KV, Dh] of these tokens (RoPE applied to k), e.g. to build a prefix cache.
+    grad_rule: one of GRAD_RULES; changes the backward pass only.
     """
+    check_grad_rule(grad_rule)
     stop = cfg.n_layers if stop is None else stop
     if not 0 <= start <= stop <= cfg.n_layers:
         raise ValueError(f"block range [{start}, {stop}) is outside [0, {cfg.n_layers}]")
@@ -209,7 +233,7 @@ def run_blocks(layers: Params, cfg: LMConfig, h: jax.Array, *, positions: jax.Ar
 
     def body(carry, xs):
         lp, ckv = xs
-        out, kv = block(lp, carry, cos, sin, bias, cfg, ckv)
+        out, kv = block(lp, carry, cos, sin, bias, cfg, ckv, grad_rule)
         return out, (kv if return_kv else None)
 
     if cfg.remat:
@@ -223,9 +247,9 @@ def embed_tokens(lm: Params, cfg: LMConfig, input_ids: jax.Array) -> jax.Array:
     return jnp.take(lm["embed"], input_ids, axis=0).astype(compute_dtype(cfg))
 
 
-def final_logits(lm: Params, cfg: LMConfig, h: jax.Array) -> jax.Array:
-    """Final RMSNorm and untied head. h: [B, T, D] -> logits [B, T, V] float32."""
-    x = rms_norm(h, lm["final_norm"], cfg.rms_eps)
+def final_logits(lm: Params, cfg: LMConfig, h: jax.Array, grad_rule: str = "standard") -> jax.Array:
+    """Final RMSNorm and untied head. h: [B, T, D] -> logits [B, T, V] float32. grad_rule: backward pass only."""
+    x = rms_norm(h, lm["final_norm"], cfg.rms_eps, hold_scale=check_grad_rule(grad_rule)[0])
     return jnp.einsum("btd,dv->btv", x, lm["lm_head"].astype(x.dtype), preferred_element_type=jnp.float32)
 
 

@@ -149,7 +149,7 @@ def test_noise_probe_vmap_equals_loop(setup):
     maps, _ = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, [1, 2], key=key)
     states = attr.noise_states(answer, [1, 2], attr.default_noise_ratios(3), key, CFG.lm.mask_id)
     assert np.all(states[0, :, 1] == CFG.lm.mask_id) and np.all(states[1, :, 2] == CFG.lm.mask_id)
-    spec = _spec()
+    spec = _spec(aggregation="gxa", grad_rule="conservative")  # the diffusion_cam preset
     for ti, t in enumerate([1, 2]):
         loop = np.mean([np.asarray(_maps(params, emb, layout, spec, states[ti, k], [t], answer)[0][0, 0])
                         for k in range(3)], axis=0)
@@ -177,7 +177,7 @@ def test_aggregations_closed_forms():
     np.testing.assert_allclose(attr.aggregate(A, Gr, "channel_relu_mean"), np.maximum(A * w, 0).mean(-1), rtol=1e-5)
     np.testing.assert_allclose(attr.aggregate(A, Gr, "layercam"), np.maximum((np.maximum(Gr, 0) * A).sum(-1), 0),
                                rtol=1e-5)
-    np.testing.assert_allclose(attr.aggregate(A, Gr, "hirescam"), np.maximum((Gr * A).sum(-1), 0), rtol=1e-5)
+    np.testing.assert_allclose(attr.aggregate(A, Gr, "gxa"), np.maximum((Gr * A).sum(-1), 0), rtol=1e-5)
     wr = np.maximum(Gr, 0).mean((0, 1))
     np.testing.assert_allclose(attr.aggregate(A, Gr, "gradcam", grad_relu=True), np.maximum((A * wr).sum(-1), 0),
                                rtol=1e-5)

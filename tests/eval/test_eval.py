@@ -443,8 +443,8 @@ def test_flags_parse_and_replace():
     assert (c2.layer, c2.refine, c2.methods, c2.seed, c2.func_iou, c2.shift) == \
         (None, "none", ("tam", "uniform"), 3, True, 0.33)
     # --aggregation reaches the CamConfig of the gradient methods it applies to, never TAM's
-    c3 = R.replace_config(cfg, {"aggregation": "hirescam", "method": "diffusion_cam+tam"})
-    assert R.cam_config_for("diffusion_cam", c3).aggregation == "hirescam"
+    c3 = R.replace_config(cfg, {"aggregation": "gxa", "method": "diffusion_cam+tam"})
+    assert R.cam_config_for("diffusion_cam", c3).aggregation == "gxa"
     assert R.cam_config_for("tam", c3).aggregation is None
     assert R.cam_config_for("diffusion_cam", cfg).aggregation is None
     # --contrast: a name or an answer position
