@@ -5,7 +5,10 @@ Prints medians (compile excluded) of the raw-map computation for T answer tokens
   - "per token": T separate calls of the same jitted function, one target each (one forward + one reverse each);
   - "decision": probe "decision" (one state per target: T forwards + T reverse passes, batched);
   - "noise xK": probe "noise" with K samples per target, and its cost relative to K = 1;
-and seconds per explained token for each, with the ratios.
+  - "decision, <rule>": the decision probe under each gradient rule (standard, conservative_norm, conservative),
+    and the cost of each relative to standard (the rules change only the backward pass);
+and seconds per explained token for each, with the ratios. Every variant uses the diffusion_cam preset (gxa
+aggregation, conservative rule) unless its name says otherwise.
 
 Usage:
   python benchmarks/explain.py                       # CPU, a small random model
@@ -88,6 +91,10 @@ def main(argv):
     t_per = _timed(lambda: [run(clean, [t]) for t in targets])
     decision = dataclasses.replace(base, probe="decision")
     t_dec = _timed(lambda: run(decision, targets))
+    rules = {}
+    for rule in attr.GRAD_RULES:
+        cam = dataclasses.replace(decision, grad_rule=rule)
+        rules[rule] = _timed(lambda cam=cam: run(cam, targets))
     noise = {}
     for k in (int(v) for v in FLAGS.noise_samples):
         cam = dataclasses.replace(base, probe="noise", num_noise_samples=k)
@@ -96,12 +103,15 @@ def main(argv):
     print(f"device: {dev.platform} ({dev.device_kind}); LM {lm.n_layers}x{lm.d_model} vocab {V} {lm.dtype}; "
           f"sequence {P + G} tokens ({geom.num_image_tokens} image); T={T} targets, G={G}; "
           f"batch_size={FLAGS.batch_size}")
-    print(f"{'variant':<34}{'median s':>10}{'s / token':>11}")
+    print(f"{'variant':<36}{'median s':>10}{'s / token':>11}")
     rows = [("clean, all targets in one call", t_one), ("clean, one call per token", t_per),
-            ("decision, one call", t_dec)] + [(f"noise x{k}, one call", t) for k, t in noise.items()]
+            ("decision, one call", t_dec)] + [(f"noise x{k}, one call", t) for k, t in noise.items()] + \
+        [(f"decision, {r}", t) for r, t in rules.items()]
     for name, t in rows:
-        print(f"{name:<34}{t:>10.3f}{t / T:>11.4f}")
+        print(f"{name:<36}{t:>10.3f}{t / T:>11.4f}")
     print(f"speedup of one call over one call per token: {t_per / t_one:.2f}x")
+    for r in attr.GRAD_RULES[1:]:
+        print(f"decision {r} cost relative to standard: {rules[r] / rules['standard']:.2f}x")
     ks = sorted(noise)
     for k in ks[1:]:
         print(f"noise x{k} cost relative to x{ks[0]}: {noise[k] / noise[ks[0]]:.2f}x")

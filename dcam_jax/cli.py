@@ -57,12 +57,19 @@ def _define_flags(command: str):
     if command in ("explain", "demo"):
         _d(flags.DEFINE_string, F, "out_dir", "dcam_out", "Where to write the pictures and explanation.json (created; "
                             "must not be a file).")
-        _d(flags.DEFINE_string, F, "method", "diffusion_cam", "diffusion_cam | gradcam | llava_cam | tam | layercam | "
+        _d(flags.DEFINE_string, F, "method", "diffusion_cam", "diffusion_cam (the default: conservative gradients, "
+                            "per-token gradient x activation) | paper (the paper's formulas as written) | "
+                            "reference_compat (the authors' released code) | gradcam | llava_cam | tam | layercam | "
                             "gradcam_pp | hirescam.")
         _d(flags.DEFINE_integer, F, "layer", None, "Hooked LM block (default: the method's, n_layers // 3).")
-        _d(flags.DEFINE_string, F, "probe", None, "decision | noise | clean | final (default: the method's).")
-        _d(flags.DEFINE_string, F, "refine", None, "Refinement preset: full | none | akd | dacg | cba | sicd | "
-                            "reference_compat (default: the method's).")
+        _d(flags.DEFINE_string, F, "probe", None, "decision | trajectory | noise | clean | final (default: the "
+                            "method's).")
+        _d(flags.DEFINE_string, F, "grad_rule", None, "Gradient rule of the attribution pass: standard | "
+                            "conservative_norm | conservative (default: the method's).")
+        _d(flags.DEFINE_string, F, "aggregation", None, "gxa | gradcam | layercam | gradcam_pp | channel_relu_mean "
+                            "(default: the method's).")
+        _d(flags.DEFINE_string, F, "refine", None, "Refinement preset: default | full | none | akd | dacg | cba | "
+                            "sicd | reference_compat (default: the method's).")
         _d(flags.DEFINE_integer, F, "seed", 0, "PRNG seed for sampling and noise probes.")
         _d(flags.DEFINE_integer, F, "gen_length", None, "Answer length in tokens (default: the model's sampling default).")
         _d(flags.DEFINE_integer, F, "steps", None, "Denoising steps (default: gen_length).")
@@ -99,7 +106,12 @@ def _targets(values):
 def _cam_config(F):
     import dcam_jax as dj
 
-    return dj.CamConfig(method=F.method, layer=F.layer, probe=F.probe, refine=F.refine)
+    from dcam_jax.cam import refine as rf
+
+    if F.refine is not None:
+        rf.refine_preset(F.refine)  # an unknown preset fails here, before the model loads
+    return dj.CamConfig(method=F.method, layer=F.layer, probe=F.probe, grad_rule=F.grad_rule,
+                        aggregation=F.aggregation, refine=F.refine)
 
 
 def _sampling(F, model):
@@ -154,12 +166,12 @@ def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=
     from dcam_jax.processing.image import load_image
 
     out_dir = _check_out_dir(F.out_dir)
+    cam = _cam_config(F)  # bad method / rule / probe names fail before anything loads
     t0 = time.perf_counter()
     print(f"loading {F.checkpoint} ...", flush=True)
     model = dj.load_pretrained(F.checkpoint, dtype=F.dtype)
     pil = load_image(image_source)
     image = np.asarray(pil)
-    cam = _cam_config(F)
     sampling = _sampling(F, model)
     print(f"explaining with {cam.method} ({model.config.name}, {model.config.num_params / 1e6:.2f}M params) ...",
           flush=True)

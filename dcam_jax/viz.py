@@ -111,3 +111,53 @@ def summary_figure(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], a
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def method_grid(images: Sequence[np.ndarray], labels: Sequence[str], maps: dict[str, Sequence[np.ndarray]],
+                path: str | os.PathLike, *, title: str | None = None, masks: Sequence[np.ndarray] | None = None,
+                scale: int = 2) -> Path:
+    """One PNG comparing methods on the same words: one row per (image, word), the image (with the word's true
+    mask outlined when ``masks`` are given) and one overlay column per method.
+
+    images: R images [H, W, 3] uint8; labels: R row labels (e.g. the explained word); maps: method name -> R maps
+    [h, w] in [0, 1]; masks: R bool [H, W] or None.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    R = len(images)
+    if len(labels) != R or any(len(v) != R for v in maps.values()):
+        raise ValueError(f"method_grid: {R} images, {len(labels)} labels and map lists of lengths "
+                         f"{[len(v) for v in maps.values()]}; all must be equal")
+    if R == 0 or not maps:
+        raise ValueError("method_grid: nothing to draw (no rows or no methods)")
+    names = list(maps)
+    fig, axes = plt.subplots(R, len(names) + 1, figsize=(1.9 * (len(names) + 1), 1.9 * R + 0.5), squeeze=False)
+    for r in range(R):
+        img = np.asarray(images[r])
+        big = np.asarray(Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST))
+        axes[r, 0].imshow(big)
+        if masks is not None:
+            m = np.asarray(Image.fromarray(np.asarray(masks[r], np.uint8) * 255).resize(
+                (big.shape[1], big.shape[0]), Image.NEAREST)) > 0
+            axes[r, 0].contour(m, levels=[0.5], colors="white", linewidths=1.0)
+        axes[r, 0].set_ylabel(labels[r], fontsize=10, fontweight="bold")
+        for c, name in enumerate(names):
+            axes[r, c + 1].imshow(overlay(big, np.asarray(maps[name][r])))
+            if masks is not None:
+                axes[r, c + 1].contour(m, levels=[0.5], colors="white", linewidths=0.8)
+    for c, name in enumerate(["image (true mask)" if masks is not None else "image"] + names):
+        axes[0, c].set_title(name, fontsize=10)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -499,7 +499,9 @@ def test_bad_flags_give_clear_errors(tiny, tmp_path):
 @pytest.mark.parametrize("module,expect", [("eval.run", ["--checkpoint", "--methods", "--resume", "--metric_mode"]),
                                            ("eval.sweep", ["--grid", "--layer", "--methods"]),
                                            ("eval.report", ["--run_dirs", "--out_dir"]),
-                                           ("eval.alignment", ["--layers", "--checkpoint", "--out_json"])])
+                                           ("eval.alignment", ["--layers", "--checkpoint", "--out_json"]),
+                                           ("eval.protocol", ["--run_dirs", "--out"]),
+                                           ("eval.compare", ["--methods", "--examples", "--out"])])
 def test_help(module, expect):
     p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
