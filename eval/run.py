@@ -5,6 +5,11 @@ Usage (the embedded toy model on 500 ShapesWorld test images)::
     python -m eval.run --checkpoint=toy --dataset=shapes --split=test --num_examples=500 \
         --methods=diffusion_cam,gradcam,llava_cam,tam,uniform --out_dir=runs/toy_shapes
 
+The same vocabulary drawn by a different renderer (PIL ImageDraw; dcam_jax/data/pil_shapes.py), a held-out check::
+
+    python -m eval.run --checkpoint=toy --dataset=pil_shapes --pil_background=dark --pil_size=128 --split=test \
+        --num_examples=200 --methods=diffusion_cam,hirescam,uniform --out_dir=runs/toy_pil_dark
+
 The authors' COCO protocol on a converted LaViDa checkpoint::
 
     python -m eval.run --checkpoint=ckpt/lavida --dataset=coco --data_dir=data/coco14 --split=val2014 \
@@ -56,7 +61,7 @@ import numpy as np
 from absl import app, flags, logging
 
 PSEUDO_METHODS = ("uniform", "random")
-DATASETS = ("shapes", "coco", "grandf")
+DATASETS = ("shapes", "coco", "grandf", "pil_shapes")
 METRIC_MODES = ("matched", "max")
 RECORDS_GLOB = "records-*.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -78,6 +83,8 @@ class RunConfig:
     data_dir: Optional[str] = None
     split: str = "test"
     shapes_preset: str = "default"
+    pil_background: str = "dark"
+    pil_size: str = "128"
     start_index: int = 0
     num_examples: int = 500
     methods: tuple[str, ...] = ("diffusion_cam", "gradcam", "uniform")
@@ -206,6 +213,17 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"--split={cfg.split!r} for ShapesWorld; expected one of {shapes.SPLITS}")
         if cfg.shapes_preset not in shapes.PRESETS:
             raise ValueError(f"--shapes_preset={cfg.shapes_preset!r}; expected one of {tuple(shapes.PRESETS)}")
+    if cfg.dataset == "pil_shapes":
+        from dcam_jax.data import pil_shapes, shapes
+        if cfg.split not in shapes.SPLITS:
+            raise ValueError(f"--split={cfg.split!r} for pil_shapes; expected one of {shapes.SPLITS}")
+        if cfg.pil_background not in pil_shapes.BACKGROUND_KINDS:
+            raise ValueError(f"--pil_background={cfg.pil_background!r}; expected one of {pil_shapes.BACKGROUND_KINDS}")
+        try:
+            w, h = pil_shapes.parse_size(cfg.pil_size)
+            pil_shapes.PilShapesConfig(width=w, height=h, background=cfg.pil_background)
+        except ValueError as err:
+            raise ValueError(f"--pil_size={cfg.pil_size!r}: {err}") from None
     if cfg.checkpoint != "toy" and not Path(cfg.checkpoint).is_dir():
         raise ValueError(f"--checkpoint={cfg.checkpoint}: no such directory; pass 'toy' (the embedded model) or a "
                          "directory written by `python -m checkpoints_convert`")
@@ -230,13 +248,19 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("out_dir", None, "Directory for records, summary and plots (created). Required.", **f)
     flags.DEFINE_enum("dataset", d.dataset, DATASETS, "shapes: procedural ShapesWorld (exact masks, no files "
                       "needed); coco: TAM-format COCO Caption (DATA_DIR/image/{id:012d}.jpg + "
-                      "DATA_DIR/seg_label/{id:012d}.png); grandf: GranDf HA GCG annotations with RLE masks.", **f)
+                      "DATA_DIR/seg_label/{id:012d}.png); grandf: GranDf HA GCG annotations with RLE masks; "
+                      "pil_shapes: ShapesWorld's vocabulary drawn by a different renderer (PIL ImageDraw, exact "
+                      "masks; dcam_jax/data/pil_shapes.py), a held-out check.", **f)
     flags.DEFINE_string("data_dir", None, "Data directory for coco / grandf (see dcam_jax/data/coco.py and "
                         "grandf.py for the layouts).", **f)
     flags.DEFINE_string("split", d.split, "shapes: train | validation | test; coco: annotation split name for the "
                         "optional captions/instances files (e.g. val2014); grandf: train | val | test.", **f)
     flags.DEFINE_string("shapes_preset", d.shapes_preset, "ShapesWorld preset (easy, simple, default, hard); use "
                         "the one the model was trained on.", **f)
+    flags.DEFINE_enum("pil_background", d.pil_background, ["dark", "light", "white"], "pil_shapes: background "
+                      "kind (dark: dark desaturated solid colours; light: light tinted greys; white).", **f)
+    flags.DEFINE_string("pil_size", d.pil_size, "pil_shapes: image size in pixels, 'N' (square) or 'WIDTH,HEIGHT' "
+                        "(e.g. 160,128).", **f)
     flags.DEFINE_integer("start_index", d.start_index, "First example index of the dataset to evaluate.", **f)
     flags.DEFINE_integer("num_examples", d.num_examples, "Number of examples (images) to evaluate.", **f)
     flags.DEFINE_list("methods", list(d.methods), "Comma-separated methods: diffusion_cam (the default: "
@@ -377,7 +401,7 @@ def replace_config(cfg: RunConfig, assignments: dict[str, str]) -> RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# datasets: one item type and word roles for all three
+# datasets: one item type and word roles for all of them
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -475,6 +499,38 @@ class ShapesSource:
     def caption_eval(self, item: Item, text: str) -> dict:
         """Caption accuracy of the answer (see :func:`shapes_caption_eval`)."""
         return shapes_caption_eval(item.shapes_example, text)
+
+
+class PilShapesSource(ShapesSource):
+    """PIL-drawn shapes (dcam_jax.data.pil_shapes) in ShapesWorld's vocabulary: ``split`` seeds as ShapesWorld's,
+    background ``--pil_background``, size ``--pil_size``; word roles and caption accuracy as for ShapesWorld."""
+
+    name = "pil_shapes"
+
+    def __init__(self, cfg: RunConfig):
+        from dcam_jax.data import pil_shapes, shapes
+
+        self.shapes = shapes
+        self.pil = pil_shapes
+        self.split = cfg.split
+        w, h = pil_shapes.parse_size(cfg.pil_size)
+        self.config = pil_shapes.PilShapesConfig(width=w, height=h, background=cfg.pil_background)
+        self.prompt = cfg.prompt
+        self.skipped: list[tuple[str, str]] = []
+        self.size = shapes.SPLIT_SIZE
+
+    def item(self, index: int) -> Item:
+        """Example ``index`` of the split (object k has label k + 1, in caption order)."""
+        ex = self.pil.make_example(self.shapes.split_seed(self.split, index), self.config)
+        c = self.config
+        labels = tuple(range(1, ex.num_objects + 1))
+        return Item(index=index, example_id=f"pil_shapes-{c.background}-{c.width}x{c.height}-{self.split}-{index}",
+                    image=ex.image, label_map=ex.label_map.astype(np.int32), object_masks=ex.masks,
+                    object_labels=labels,
+                    object_names=tuple(f"{col} {sh}" for col, sh in zip(ex.colours, ex.shapes)), prompt=self.prompt,
+                    meta={"reference": ex.caption, "seed": ex.seed, "num_objects": ex.num_objects,
+                          "background": c.background, "background_rgb": list(self.pil.background_rgb(ex))},
+                    shapes_example=ex)
 
 
 def _phrases(classes: Sequence[Optional[str]]) -> list[int]:
@@ -644,8 +700,12 @@ def _as_grounded(item: Item):
 
 
 def open_source(cfg: RunConfig):
-    """The evaluation source of ``cfg.dataset`` (ShapesSource or GroundedSource)."""
-    return ShapesSource(cfg) if cfg.dataset == "shapes" else GroundedSource(cfg)
+    """The evaluation source of ``cfg.dataset`` (ShapesSource, PilShapesSource or GroundedSource)."""
+    if cfg.dataset == "shapes":
+        return ShapesSource(cfg)
+    if cfg.dataset == "pil_shapes":
+        return PilShapesSource(cfg)
+    return GroundedSource(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -693,6 +753,11 @@ def generation_key(cfg: RunConfig, checkpoint_id: str, sampling) -> tuple[str, d
             "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
             "shapes_preset": cfg.shapes_preset if cfg.dataset == "shapes" else None, "prompt": cfg.prompt,
             "sampling": samp, "seed": cfg.seed}
+    if cfg.dataset == "pil_shapes":  # only here, so that the other datasets' keys (and caches) stay as they were
+        from dcam_jax.data import pil_shapes
+
+        w, h = pil_shapes.parse_size(cfg.pil_size)  # "128" and "128,128" are the same images
+        desc["pil_background"], desc["pil_size"] = cfg.pil_background, f"{w}x{h}"
     h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
     return h, desc
 
@@ -834,7 +899,8 @@ def cam_config_for(method: str, cfg: RunConfig):
     return ex.CamConfig(**kw)
 
 
-def _method_key(key, method: str):
+def method_key(key, method: str):
+    """The PRNG key of ``method`` for one example: ``key`` folded with a hash of the method's name."""
     import jax
 
     return jax.random.fold_in(key, zlib.crc32(method.encode()) & 0x7FFFFFFF)
@@ -871,7 +937,9 @@ def score_word(map_hw: np.ndarray, item: Item, info: WordInfo, modes: Sequence[s
     return out
 
 
-def _pseudo_maps(method: str, n: int, grid_hw: tuple[int, int], seed: int, index: int) -> np.ndarray:
+def pseudo_maps(method: str, n: int, grid_hw: tuple[int, int], seed: int, index: int) -> np.ndarray:
+    """Maps of a pseudo-method: "uniform" (all ones) or "random" (uniform noise, deterministic in seed and
+    example index). -> [n, *grid_hw] float32."""
     if method == "uniform":
         return np.ones((n,) + tuple(grid_hw), np.float32)
     rng = np.random.default_rng([seed, index, 7])
@@ -940,12 +1008,12 @@ def process_example(ctx: Context, index: int) -> tuple[list[dict], dict, Optiona
         for method in cfg.methods:
             cam = ctx.cams[method]
             if cam is None:
-                maps = _pseudo_maps(method, len(explain), view_hw, cfg.seed, index)
+                maps = pseudo_maps(method, len(explain), view_hw, cfg.seed, index)
                 scores = [None] * len(explain)
             else:
                 e = api.explain_prepared(model, pre, gen.tokens, gen.token_strings, gen.num_valid, unique, cam,
                                          commit_step=gen.commit_step, num_steps=gen.num_steps,
-                                         key=_method_key(key, method), text=gen.text)
+                                         key=method_key(key, method), text=gen.text)
                 ctx.calls["explain"] += 1
                 by_pos = {tuple(p): j for j, p in enumerate(e.positions)}
                 missing = [w.word for w in explain if tuple(w.positions) not in by_pos]

@@ -413,7 +413,7 @@ def explain_words(model, p: Answered, words: Sequence, cam, *, seed: int, params
     m = model if params is None else dataclasses.replace(model, params=params)
     g = p.gen
     unique = list(dict.fromkeys(w.word for w in words))
-    key = R._method_key(jax.random.fold_in(jax.random.key(seed), p.item.index), cam.method)
+    key = R.method_key(jax.random.fold_in(jax.random.key(seed), p.item.index), cam.method)
     e = api.explain_prepared(m, p.pre, g.tokens, g.token_strings, g.num_valid, unique, cam,
                              commit_step=g.commit_step, num_steps=g.num_steps, key=key, text=g.text)
     by_pos = {tuple(q): j for j, q in enumerate(e.positions)}
@@ -525,7 +525,7 @@ def discrimination(model, prepared: Sequence[Answered], cams: Mapping[str, Any],
             if words:
                 if cam is None:
                     grid = p.pre.layout.shape(p.pre.layout.default_view)
-                    ref = raw = R._pseudo_maps(m, len(words), grid, seed, item.index)
+                    ref = raw = R.pseudo_maps(m, len(words), grid, seed, item.index)
                 else:
                     ref, raw = explain_words(model, p, words, cam, seed=seed)
                 for w, mr, mw in zip(words, ref, raw):
