@@ -61,7 +61,8 @@ def _define_flags(command: str):
                             "per-token gradient x activation) | paper (the paper's formulas as written) | "
                             "reference_compat (the authors' released code) | gradcam | llava_cam | tam | layercam | "
                             "gradcam_pp | hirescam.")
-        _d(flags.DEFINE_integer, F, "layer", None, "Hooked LM block (default: the method's, n_layers // 3).")
+        _d(flags.DEFINE_integer, F, "layer", None, "Hooked LM block (default: the model's cam_layer, else "
+                            "n_layers // 3; TAM: the last).")
         _d(flags.DEFINE_string, F, "probe", None, "decision | trajectory | noise | clean | final (default: the "
                             "method's).")
         _d(flags.DEFINE_string, F, "grad_rule", None, "Gradient rule of the attribution pass: standard | "

@@ -11,6 +11,11 @@ in it is read). Rows are keyed by the cell's name and method; columns are the pr
 its number of matched object words), the pooled numbers, and matched Obj-IoU per object-size bin (the named
 object's visible mask area in image tokens, pooled over presets). Object sizes are recomputed from the
 deterministic ShapesWorld example of each record, so old runs need no extra field.
+
+``--ceiling_examples=N`` adds the token-resolution ceiling of each preset found: the matched Obj-IoU and pointing
+game of an oracle map that is each object's true mask averaged over every image token (the best a map at the
+token grid's resolution can do under the same bilinear resize and Otsu binarisation), over every object of the
+first N examples of the split.
 """
 
 from __future__ import annotations
@@ -111,6 +116,28 @@ def summarize(cells: Iterable[Cell], sizes: ObjectSizes) -> dict:
     return out
 
 
+def token_ceiling(split: str, preset: str, num_examples: int, tokens_per_side: int) -> tuple[int, float, float]:
+    """(objects, mean matched Obj-IoU %, pointing %) of the oracle map: each object's visible mask averaged over
+    each image token ([H, W] -> [t, t], t = tokens_per_side), scored like an explanation map."""
+    from dcam_jax import metrics
+    from dcam_jax.data import shapes
+
+    ious, hits = [], []
+    for i in range(num_examples):
+        ex = shapes.make_example(shapes.split_seed(split, i), shapes.preset(preset))
+        H, W = ex.label_map.shape
+        if H % tokens_per_side or W % tokens_per_side:
+            raise ValueError(f"image {H}x{W} is not a multiple of {tokens_per_side} tokens per side")
+        for k in range(ex.num_objects):
+            oracle = ex.masks[k].reshape(tokens_per_side, H // tokens_per_side, tokens_per_side,
+                                         W // tokens_per_side).mean(axis=(1, 3))
+            rec = metrics.map_metrics(oracle / max(oracle.max(), 1e-12), ex.masks[k].astype(np.uint8),
+                                      mode="matched", label=1)
+            ious.append(rec["obj_iou"])
+            hits.append(float(rec["pointing_game"]))
+    return len(ious), 100 * float(np.mean(ious)), 100 * float(np.mean(hits))
+
+
 def markdown(summary: dict) -> str:
     """The summary as one markdown table (rows in the order the cells were found)."""
     presets = sorted({p for v in summary.values() for p in v["preset"]})
@@ -133,6 +160,8 @@ def markdown(summary: dict) -> str:
 FLAGS = flags.FLAGS
 flags.DEFINE_list("run_dirs", None, "eval.run or eval.sweep output directories to tabulate (comma-separated).")
 flags.DEFINE_string("out", None, "Write the markdown table here (default: print it only).")
+flags.DEFINE_integer("ceiling_examples", 0, "Also report the token-resolution ceiling of each preset over the "
+                     "first N examples of the split (0: no).")
 flags.DEFINE_integer("tokens_per_side", 8, "Image tokens per side of the explained view (the toy model: 8), to "
                      "express object sizes in tokens.")
 
@@ -147,6 +176,13 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     text = markdown(summarize(cells, ObjectSizes(FLAGS.tokens_per_side)))
+    if FLAGS.ceiling_examples:
+        seen = sorted({(c.config.get("split", "validation"), c.config.get("shapes_preset", "default"))
+                       for c in cells})
+        text += "\n| token-resolution ceiling | objects | Obj-IoU % | pointing % |\n|---|---|---|---|\n"
+        for split, preset in seen:
+            n, iou, hit = token_ceiling(split, preset, FLAGS.ceiling_examples, FLAGS.tokens_per_side)
+            text += f"| {split}, {preset} | {n} | {iou:.1f} | {hit:.1f} |\n"
     print(text)
     if FLAGS.out:
         out = Path(FLAGS.out)

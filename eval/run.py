@@ -269,7 +269,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "baseline), llava_cam, tam, layercam, gradcam_pp, hirescam, and the pseudo-methods uniform "
                       "(constant map) and random (uniform noise).", **f)
     flags.DEFINE_integer("layer", None, "Hooked LM block L for gradient methods (default: the method's, "
-                         "n_layers // 3 for Diffusion-CAM).", **f)
+                         "the model's cam_layer, else n_layers // 3).", **f)
     flags.DEFINE_string("probe", None, "Probe state for gradient methods: decision | trajectory | noise | clean | "
                         "final (default: the method's).", **f)
     flags.DEFINE_string("refine", None, "Refinement preset for gradient methods: default | full | none | akd | "

@@ -118,3 +118,27 @@ def test_image_maps_of_a_padded_view_cover_only_the_image():
     # independent: PIL bilinear upsampling of the square map to 40 x 40, then the image's rows 10..29
     from dcam_jax.viz import resize_map
     np.testing.assert_allclose(im[0], resize_map(m[0], (40, 40))[10:30], atol=1e-5)
+
+
+def test_default_layer_is_the_models_cam_layer_else_a_third_of_depth(tiny_model):
+    from dcam_jax.models.config import ConfigError
+
+    cfg = tiny_model.config
+    n = cfg.lm.n_layers
+    assert cfg.cam_layer is None
+    assert ex.resolve(dj.CamConfig(), cfg).layer == n // 3
+    assert ex.resolve(dj.CamConfig(method="tam"), cfg).layer == n - 1
+    chosen = cfg.replace(cam_layer=n - 1)
+    for method in ("diffusion_cam", "paper", "hirescam", "gradcam"):
+        assert ex.resolve(dj.CamConfig(method=method), chosen).layer == n - 1
+    assert ex.resolve(dj.CamConfig(method="tam"), chosen).layer == n - 1
+    assert ex.resolve(dj.CamConfig(layer=0), chosen).layer == 0  # an explicit layer wins
+    for bad in (n, -1, True, 1.0):
+        with pytest.raises(ConfigError, match="cam_layer"):
+            cfg.replace(cam_layer=bad)
+
+
+def test_shipped_toy_model_records_the_layer_the_protocol_chose():
+    # docs/explanation_quality.md: block 0 beat block 1 (n_layers // 3) on validation Obj-IoU, pointing not lower
+    m = dj.load_pretrained("toy")
+    assert m.config.cam_layer == 0 and ex.resolve(dj.CamConfig(), m.config).layer == 0

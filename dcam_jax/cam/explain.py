@@ -35,7 +35,8 @@ class CamConfig:
         Grad-CAM, the full refinement chain), "reference_compat" (the authors' released code), "gradcam" (the
         authors' Grad-CAM baseline), "llava_cam", "tam", "layercam", "gradcam_pp", "hirescam". Fields left as None
         take the method's preset (see :func:`resolve`); anything set explicitly wins.
-      layer: hooked block index L (None: the method's default; Diffusion-CAM: n_layers // 3, i.e. 10 of 32).
+      layer: hooked block index L (None: :func:`default_layer`: the model's ``cam_layer``, chosen by the protocol
+        of SPEC 4.6, else n_layers // 3, i.e. 10 of 32; TAM: the last block).
       probe: "decision" (the state just before the token was committed), "trajectory" (``num_trajectory_states``
         states evenly spaced from the start of generation to the decision state, averaged), "noise" (K random
         re-maskings of the final answer, the target always masked), "clean" (the final answer, teacher-forced),
@@ -143,12 +144,20 @@ def paper() -> CamConfig:
     return CamConfig(method="paper")
 
 
+def default_layer(method: str, config: MLLMConfig) -> int:
+    """The hooked block of ``method`` when none is given: the last block for TAM; for gradient methods the model's
+    ``cam_layer`` (chosen on ground truth for that model) or else n_layers // 3."""
+    if method == "tam":
+        return config.lm.n_layers - 1
+    return config.cam_layer if config.cam_layer is not None else config.lm.n_layers // 3
+
+
 def resolve(cam: CamConfig, config: MLLMConfig) -> CamConfig:
     """Fill every None field of ``cam`` from its method's preset and the model config."""
     preset = dict(_PRESETS[cam.method])
     changes = {k: v for k, v in preset.items() if getattr(cam, k) is None}
     if cam.layer is None:
-        changes["layer"] = config.lm.n_layers - 1 if cam.method == "tam" else config.lm.n_layers // 3
+        changes["layer"] = default_layer(cam.method, config)
     if cam.attention is None and "attention" not in changes:
         changes["attention"] = config.attention
     out = dataclasses.replace(cam, **changes)

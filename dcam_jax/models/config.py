@@ -180,6 +180,8 @@ class MLLMConfig:
         Prefix-DLM: prompt queries see only the prompt). Sampling and explanations use it unless told otherwise.
       sampling_defaults: (name, value) pairs overriding dcam_jax.SamplingConfig's defaults for this model, e.g.
         (("gen_length", 64), ("steps", 32), ("schedule", "shift")) for LaViDa.
+      cam_layer: the hooked LM block L of the gradient explanation methods for this model, chosen on ground truth
+        by the protocol of SPEC 4.6 (docs/explanation_quality.md); None: n_layers // 3 (block 10 of 32).
     """
 
     lm: LMConfig = dataclasses.field(default_factory=LMConfig)
@@ -195,6 +197,7 @@ class MLLMConfig:
     has_post_layernorm: bool = False
     attention: str = "full"
     sampling_defaults: tuple[tuple[str, Any], ...] = ()
+    cam_layer: int | None = None
 
     def __post_init__(self):
         if self.image_aspect_ratio not in _ASPECT_MODES:
@@ -219,6 +222,10 @@ class MLLMConfig:
             raise ConfigError(f"MLLMConfig: attention={self.attention!r}, expected 'full' or 'prefix_lm'")
         if self.chat_template not in ("llada", "plain"):
             raise ConfigError(f"MLLMConfig: chat_template={self.chat_template!r}, expected 'llada' or 'plain'")
+        if self.cam_layer is not None and (isinstance(self.cam_layer, bool) or not isinstance(self.cam_layer, int)
+                                           or not 0 <= self.cam_layer < self.lm.n_layers):
+            raise ConfigError(f"MLLMConfig: cam_layer={self.cam_layer!r} must be None or a block index in "
+                              f"[0, {self.lm.n_layers - 1}]")
 
     @property
     def tokens_per_view_side(self) -> int:

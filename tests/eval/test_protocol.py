@@ -71,3 +71,18 @@ def test_bad_directories_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no eval.run output"):
         P.find_cells([str(tmp_path / "empty")])
+
+
+def test_token_ceiling_scores_the_downsampled_true_mask():
+    from dcam_jax import metrics
+
+    n, iou, hit = P.token_ceiling("validation", "easy", 2, 8)
+    ious = []
+    for i in range(2):
+        ex = shapes.make_example(shapes.split_seed("validation", i), shapes.preset("easy"))
+        for k in range(ex.num_objects):
+            o = ex.masks[k].reshape(8, ex.masks.shape[1] // 8, 8, -1).mean(axis=(1, 3))
+            ious.append(metrics.map_metrics(o / o.max(), ex.masks[k].astype(np.uint8), mode="matched",
+                                            label=1)["obj_iou"])
+    assert n == len(ious) and iou == pytest.approx(100 * np.mean(ious))
+    assert 30 < iou <= 100 and hit == pytest.approx(100.0)  # the oracle's peak is always inside its object
