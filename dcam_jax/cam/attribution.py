@@ -298,8 +298,9 @@ def decision_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequen
 def trajectory_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequence[int], num_states: int,
                       mask_id: int) -> np.ndarray:
     """States along the denoising trajectory up to each target's decision: for target p with commit step c_p,
-    the states at steps s_k = round(k * c_p / (K - 1)), k = 0..K-1 (s = 0: everything masked; s = c_p: the
-    decision state), state_s = where(commit_step < s, tokens, MASK). K = 1 gives the decision state alone.
+    the states at steps s_k = round(k * c_p / (K - 1)), k = 0..K-1, rounded half to even (s = 0: everything
+    masked; s = c_p: the decision state), state_s = where(commit_step < s, tokens, MASK). K = 1 gives the decision
+    state alone.
 
     tokens, commit_step: [G]; targets: answer positions -> [len(targets), K, G] int32 (position p masked in all).
     """
@@ -308,8 +309,10 @@ def trajectory_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequ
     tokens = np.asarray(tokens)
     cs = np.asarray(commit_step)
     c = cs[np.asarray(targets)].astype(np.float64)  # [T]
-    frac = np.linspace(0.0, 1.0, num_states) if num_states > 1 else np.ones(1)
-    steps = np.rint(c[:, None] * frac[None, :])  # [T, K]
+    if num_states == 1:
+        steps = c[:, None]
+    else:  # k * c / (K - 1) from integers: exact halves, so the rounding is exactly half to even
+        steps = np.rint(np.arange(num_states)[None, :] * c[:, None] / (num_states - 1))  # [T, K]
     return np.where(cs[None, None, :] < steps[..., None], tokens[None, None, :], mask_id).astype(np.int32)
 
 

@@ -640,12 +640,13 @@ def akd_multi(maps, kernel_sizes, candidates: Sequence[int] = (3, 5, 7, 9, 11)):
         raise ValueError("akd_multi: candidates is empty; give at least one odd kernel size.")
     x = _as_maps(maps, "maps")
     if len(cands) == 1:
-        return akd(x, cands[0])
+        return x if cands[0] == 1 else akd(x, cands[0])
     ks = jnp.broadcast_to(jnp.asarray(kernel_sizes), x.shape[:-2])
     pick = jnp.argmin(jnp.abs(ks[..., None] - jnp.asarray(cands)), axis=-1)    # [...]
-    out = akd(x, cands[0])
+    filt = lambda c: x if c == 1 else akd(x, c)  # a window of 1 leaves the map as it is (as refine() does)
+    out = filt(cands[0])
     for i, c in enumerate(cands[1:], start=1):
-        out = jnp.where((pick == i)[..., None, None], akd(x, c), out)
+        out = jnp.where((pick == i)[..., None, None], filt(c), out)
     return out
 
 
