@@ -139,8 +139,9 @@ def _write_outputs(out_dir: Path, image: np.ndarray, e, *, title: str, extra: di
     tmp = Path(tempfile.mkdtemp(prefix=".dcam_tmp_", dir=out_dir.parent))
     try:
         written = viz.save_overlays(image, e.maps, e.tokens, tmp)
+        raw = None if np.allclose(e.raw_maps, e.maps, atol=1e-5) else e.raw_maps  # a second row if refinement acted
         written.append(viz.summary_figure(image, e.maps, e.tokens, e.text, tmp / "summary.png", title=title,
-                                          raw_maps=e.raw_maps))
+                                          raw_maps=raw))
         data = e.to_dict()
         data.update(extra)
         (tmp / "explanation.json").write_text(json.dumps(data, indent=2))

@@ -41,8 +41,8 @@ def test_explain_all_tokens(tiny_model, generation):
     json.dumps(e.to_dict())  # JSON-ready
 
 
-@pytest.mark.parametrize("method", ["diffusion_cam", "gradcam", "llava_cam", "tam", "layercam", "gradcam_pp",
-                                    "hirescam"])
+@pytest.mark.parametrize("method", ["diffusion_cam", "paper", "reference_compat", "gradcam", "llava_cam", "tam",
+                                    "layercam", "gradcam_pp", "hirescam"])
 def test_every_method_gives_normalised_maps(tiny_model, generation, method):
     e = dj.explain(tiny_model, IMG, "describe the image", targets=[0, 1], config=dj.CamConfig(method=method),
                    generation=generation)
@@ -142,3 +142,36 @@ def test_shipped_toy_model_records_the_layer_the_protocol_chose():
     # docs/explanation_quality.md: block 0 beat block 1 (n_layers // 3) on validation Obj-IoU, pointing not lower
     m = dj.load_pretrained("toy")
     assert m.config.cam_layer == 0 and ex.resolve(dj.CamConfig(), m.config).layer == 0
+
+
+@pytest.mark.parametrize("field,value,names", [
+    ("method", "grad-cam", ["diffusion_cam", "paper", "reference_compat", "hirescam"]),
+    ("probe", "middle", ["decision", "trajectory", "noise", "clean", "final"]),
+    ("grad_rule", "lrp", ["standard", "conservative_norm", "conservative"]),
+    ("aggregation", "hirescam", ["gxa", "gradcam", "layercam", "gradcam_pp"]),
+])
+def test_unknown_names_are_refused_with_the_valid_ones(field, value, names):
+    with pytest.raises(ValueError, match=f"{field}='{value}'") as err:
+        dj.CamConfig(**{field: value})
+    assert all(n in str(err.value) for n in names)
+
+
+def test_unknown_refine_preset_names_the_presets(tiny_model, generation):
+    with pytest.raises(ValueError, match="unknown preset 'smooth'") as err:
+        dj.explain(tiny_model, IMG, "describe the image", targets=[0], generation=generation,
+                   config=dj.CamConfig(refine="smooth"))
+    assert "default" in str(err.value) and "full" in str(err.value)
+
+
+def test_presets_fix_their_documented_fields():
+    assert ex.preset_fields("diffusion_cam") == dict(
+        probe="decision", score="logprob", contrast="none", grad_relu=False, hook="residual",
+        grad_rule="conservative", aggregation="gxa", refine="default")
+    assert {k: ex.preset_fields("paper")[k] for k in ("probe", "grad_rule", "aggregation", "refine")} == dict(
+        probe="decision", grad_rule="standard", aggregation="gradcam", refine="full")
+    assert {k: ex.preset_fields("hirescam")[k] for k in ("grad_rule", "aggregation", "refine")} == dict(
+        grad_rule="standard", aggregation="gxa", refine="none")
+    r = ex.preset_fields("reference_compat")
+    assert (r["probe"], r["score"], r["contrast"], r["aggregation"], r["grad_relu"], r["refine"]) == (
+        "clean", "vocab_sum", "previous", "channel_relu_mean", True, "reference_compat")
+    assert dj.paper() == dj.CamConfig(method="paper") and dj.reference_compat().method == "reference_compat"
