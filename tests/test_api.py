@@ -175,3 +175,39 @@ def test_presets_fix_their_documented_fields():
     assert (r["probe"], r["score"], r["contrast"], r["aggregation"], r["grad_relu"], r["refine"]) == (
         "clean", "vocab_sum", "previous", "channel_relu_mean", True, "reference_compat")
     assert dj.paper() == dj.CamConfig(method="paper") and dj.reference_compat().method == "reference_compat"
+
+
+def test_default_maps_are_the_normalised_gradient_times_activation(tiny_model, generation):
+    """Values, not ranges: the default method's maps of two answer tokens equal the min-max normalised NumPy
+    ReLU(sum_c G_c A_c) at each token's decision state, with A the residual stream after block n_layers // 3 and G
+    the conservative gradient of the token's log-probability (its default refinement only clips and normalises)."""
+    from dcam_jax.cam import attribution as attr
+
+    cfg, g = tiny_model.config, generation
+    targets = (0, 1)
+    e = dj.explain(tiny_model, IMG, "describe the image", targets=list(targets), generation=g)
+    emb = api.prepare(tiny_model, IMG, "describe the image").prompt_embeds
+    spec = attr.GradSpec(layer=cfg.lm.n_layers // 3, attention=cfg.attention, grad_rule="conservative")
+    answer, valid = jax.numpy.asarray(g.tokens), jax.numpy.ones(len(g.tokens), bool)
+
+    def a_and_g(lm, emb):  # A and dS/dA of each target at its decision state (the tokens committed before it)
+        out = []
+        for p in targets:
+            state = np.where(g.commit_step < g.commit_step[p], g.tokens, cfg.lm.mask_id)
+            A, hN, vjp_fn = attr._forward_split(lm, cfg.lm, spec, emb, jax.numpy.asarray(state))
+            s, cot = jax.value_and_grad(lambda h: attr._score(lm, cfg.lm, spec, h, emb.shape[0], answer, valid, p,
+                                                              int(g.tokens[p]), 0, 0))(hN)
+            out.append((A[0], vjp_fn(cot)[0][0], s))
+        return out
+
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    lm = tiny_model.params["lm"]
+    img = g.layout.positions()
+    for k, (A, G, s) in enumerate(jax.jit(a_and_g).lower(lm, emb).compile(fast)(lm, emb)):
+        A, G = (np.asarray(x, np.float64)[img] for x in (A, G))
+        m = np.maximum((A * G).sum(-1), 0.0)
+        assert m.max() > 0 and (m < m.max()).any()
+        m = (m - m.min()) / (m.max() - m.min())
+        np.testing.assert_allclose(e.raw_maps[k], m, atol=2e-5, err_msg=f"target {targets[k]}")
+        np.testing.assert_allclose(e.maps[k], m, atol=2e-5)
+        np.testing.assert_allclose(e.scores[k], float(s), rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ Aggregations (A, G: [H, W, C]):
   gradcam            ReLU(sum_c w_c A_c),  w_c = mean_hw G            (the Grad-CAM / paper formula)
   channel_relu_mean  mean_c ReLU(w_c A_c)                             (the authors' released code)
   layercam           ReLU(sum_c ReLU(G_c) A_c)
-  gradcam_pp         ReLU(sum_c w_c A_c), w_c = sum_hw alpha ReLU(G),  alpha = G^2 / (2 G^2 + sum_hw A G^3)
+  gradcam_pp         ReLU(sum_c w_c A_c), w_c = sum_hw alpha ReLU(G),  alpha = G^2 / (2 G^2 + (sum_hw A) G^3)
 Weights optionally use ReLU(G) first (``grad_relu``, the authors' code and LLaVA-CAM).
 """
 
@@ -126,7 +126,7 @@ def aggregate(A: jax.Array, G: jax.Array, aggregation: str, grad_relu: bool = Fa
         return jax.nn.relu(jnp.sum(Gw * A, -1))
     if aggregation == "gradcam_pp":
         g2, g3 = G * G, G * G * G
-        denom = 2 * g2 + jnp.sum(A * g3, axis=(0, 1), keepdims=True)
+        denom = 2 * g2 + jnp.sum(A, axis=(0, 1), keepdims=True) * g3  # Grad-CAM++ Eq. 19: (sum_ab A_ab) G_ij^3
         alpha = jnp.where(denom != 0, g2 / jnp.where(denom != 0, denom, 1.0), 0.0)
         w = jnp.sum(alpha * jax.nn.relu(G), axis=(0, 1))
         return jax.nn.relu(jnp.einsum("hwc,c->hw", A, w))

@@ -6,6 +6,7 @@ float64; they share no code with the module under test.
 
 import dataclasses
 import functools
+import inspect
 import itertools
 
 import jax
@@ -86,9 +87,9 @@ def np_dacg_branch(img):
     return 85.0
 
 
-def np_dacg(img, sigma=0.3, eps=1e-6):
+def np_dacg(img, sigma=0.3, eps=1e-6, alpha=None):
     img = np.asarray(img, np.float64)
-    alpha = np_dacg_branch(img)
+    alpha = np_dacg_branch(img) if alpha is None else alpha
     nz = img[img >= eps]
     zeta = np.percentile(nz, alpha) if nz.size else eps
     blurred = np_blur3(img, sigma)
@@ -680,3 +681,123 @@ def test_preset_overrides():
     assert (c.akd, c.dacg, c.cba, c.akd_kernel_size) == (True, True, False, 5)
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         R.refine_preset("full:nope=1")
+
+
+# ------------------------------------------------------------------------------------------
+# One source of constants, and every branch of the DACG and AKD rules through RefineConfig
+# ------------------------------------------------------------------------------------------
+
+# each module's keyword constants and the RefineConfig field that refine_arrays passes to it
+_KWARG_FIELDS = {
+    R.dacg: {"sigma": "dacg_sigma", "delta_sigma": "dacg_delta_sigma", "delta_mu": "dacg_delta_mu",
+             "delta_mu_prime": "dacg_delta_mu_prime", "alpha_high_var": "dacg_alpha_high_var",
+             "alpha_high_mean": "dacg_alpha_high_mean", "alpha_low_mean": "dacg_alpha_low_mean",
+             "alpha_default": "dacg_alpha_default", "nonzero_eps": "dacg_nonzero_eps",
+             "blur": "dacg_blur"},
+    R.adaptive_kernel_size: {"base": "akd_base", "step_div": "akd_step_div",
+                             "step_cap": "akd_step_cap", "std_mult": "akd_std_mult",
+                             "std_cap": "akd_std_cap", "size_div": "akd_size_div",
+                             "size_cap": "akd_size_cap", "min_kernel": "akd_min_kernel",
+                             "max_kernel": "akd_max_kernel"},
+    R.cba: {"w_nonzero_pct": "cba_w_nonzero_pct", "q_nonzero": "cba_q_nonzero",
+            "w_all_pct": "cba_w_all_pct", "q_all": "cba_q_all",
+            "w_nonzero_mean": "cba_w_nonzero_mean", "w_max": "cba_w_max", "floor": "cba_floor",
+            "nonzero_eps": "cba_nonzero_eps", "min_delta": "cba_min_delta"},
+    R.clip_and_normalize: {"eps": "normalize_eps"},
+    R.sicd: {"repeat_weight": "sicd_repeat_weight", "outlier_weight": "sicd_outlier_weight",
+             "outlier_std": "sicd_outlier_std", "alpha_cap": "sicd_alpha_cap",
+             "range_guard": "sicd_range_guard"},
+    R.gaussian_blur_3x3: {"sigma": "dacg_sigma"},
+}
+
+
+def test_config_defaults_equal_the_modules_keyword_defaults():
+    # RefineConfig's defaults and the modules' keyword defaults are two copies of the SPEC 4.4
+    # constants; refine() reads the config, direct calls read the keywords: they must agree
+    cfg = R.RefineConfig()
+    for fn, fields in _KWARG_FIELDS.items():
+        sig = inspect.signature(fn).parameters
+        consts = {n for n, p in sig.items()
+                  if p.default is not p.empty and n not in ("valid", "ignore_ids")}
+        assert consts == set(fields), (fn.__name__, consts ^ set(fields))
+        for kw, field in fields.items():
+            assert getattr(cfg, field) == sig[kw].default, (fn.__name__, kw, field)
+    # every DACG and AKD constant of the config is one of them (besides the switches)
+    covered = {f for fields in _KWARG_FIELDS.values() for f in fields.values()}
+    names = {f.name for f in dataclasses.fields(R.RefineConfig)}
+    assert {n for n in names if n.startswith(("dacg_", "akd_"))} - covered == {
+        "akd_kernel_size", "akd_region_level"}
+
+
+def _map_with_stats(mu, sd, shape=(12, 12), seed=0):
+    """A random map whose population mean and std are exactly mu and sd (float64)."""
+    z = np.random.default_rng(seed).random(shape)
+    z = (z - z.mean()) / z.std()
+    return mu + sd * z
+
+
+# (mean, std, SPEC percentile): each threshold approached from both sides (0.02 away from it)
+DACG_BRANCH_CASES = [
+    (0.50, 0.24, 90.0),   # sigma > delta_sigma = 0.22: high variance
+    (0.50, 0.20, 75.0),   # sigma just below: the mean decides, mu > delta_mu = 0.35
+    (0.15, 0.24, 90.0),   # high variance wins over a low mean
+    (0.37, 0.10, 75.0),   # mu just above delta_mu
+    (0.33, 0.10, 85.0),   # mu just below delta_mu, above delta_mu' = 0.25: default
+    (0.27, 0.10, 85.0),   # mu just above delta_mu'
+    (0.23, 0.10, 80.0),   # mu just below delta_mu': low mean
+    (0.10, 0.05, 80.0),   # low mean, low variance
+]
+
+
+def test_dacg_every_branch_through_the_config_and_the_keywords():
+    maps = np.stack([_map_with_stats(mu, sd, seed=i)
+                     for i, (mu, sd, _) in enumerate(DACG_BRANCH_CASES)]).astype(np.float32)
+    branches = [np_dacg_branch(m.astype(np.float64)) for m in maps]
+    assert branches == [a for *_, a in DACG_BRANCH_CASES]
+    want = np.stack([np_dacg(m) for m in maps])
+    # every map's output depends on its percentile: a wrong branch changes it
+    for m, w, (*_, alpha) in zip(maps, want, DACG_BRANCH_CASES):
+        for other in {75.0, 80.0, 85.0, 90.0} - {alpha}:
+            assert np.abs(np_dacg(m, alpha=other) - w).max() > 10 * ATOL, (alpha, other)
+    # the chain reads RefineConfig's constants...
+    cfg = dataclasses.replace(R.refine_preset("dacg"), normalize=False)
+    assert_close(R.refine(maps, cfg), want)
+    assert_close(R.refine(maps, R.refine_preset("dacg")), np_refine(maps, R.refine_preset("dacg")))
+    # ...and a direct call its keyword defaults
+    assert_close(_dacg_jit(maps, 0.3), want)
+
+
+# (map std, S, R, k, the branch): k = clamp_odd(int(3 * min(S/16, 2) * min(5 std, 2)
+# * min(R/512, 1.5)), 3, 11), each product away from an integer (float32 std)
+AKD_BRANCH_CASES = [
+    (0.35, 16, 512, 5, "plain: 5.25 -> 5"),
+    (0.30, 16, 512, 5, "even: 4.5 -> 4 -> 5"),
+    (0.26, 64, 512, 7, "step cap 2: 7.8 -> 7 (uncapped 15.6 -> 11)"),
+    (0.50, 24, 512, 9, "std cap 2: 9 (uncapped 11.25 -> 11)"),
+    (0.30, 16, 1024, 7, "size cap 1.5: 6.75 -> 7 (uncapped 9)"),
+    (0.50, 32, 1024, 11, "upper clamp: 18 -> 19 -> 11"),
+    (0.05, 16, 512, 3, "lower clamp: 0.75 -> 1 -> 3"),
+    (0.00, 16, 512, 3, "constant map: 0 -> 1 -> 3"),
+]
+
+
+def test_akd_kernel_rule_every_branch_through_the_config_and_the_keywords():
+    maps = np.stack([_map_with_stats(0.5, sd, seed=i)
+                     for i, (sd, *_) in enumerate(AKD_BRANCH_CASES)]).astype(np.float32)
+    steps = np.array([c[1] for c in AKD_BRANCH_CASES])
+    sides = np.array([c[2] for c in AKD_BRANCH_CASES])
+    want = [c[3] for c in AKD_BRANCH_CASES]
+    assert [np_adaptive_k(m.astype(np.float64).std(), s, r)
+            for m, s, r in zip(maps, steps, sides)] == want
+    # refine() sizes each map with kernel_sizes_for(config); direct calls use the keywords
+    got = R.kernel_sizes_for(maps, R.RefineConfig(), steps, sides)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    got = R.adaptive_kernel_size(jnp.std(jnp.asarray(maps), axis=(-2, -1)), steps, sides)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # the host path filters at that size (the step-cap map: k = 7; 11 without the cap)
+    m = maps[2]
+    got = R.refine(m, R.refine_preset("akd"), num_steps=int(steps[2]),
+                   image_long_side=int(sides[2]))
+    assert_close(got, np_clip_norm(np_rgf(m, 7), m))
+    for k in (5, 9, 11):
+        assert np.abs(np_clip_norm(np_rgf(m, k), m) - np.asarray(got)).max() > 10 * ATOL, k
