@@ -243,7 +243,8 @@ def test_cli_end_to_end_on_the_toy(tmp_path):
     res = json.loads((out / "sanity.json").read_text())
     assert res["config"]["num_examples"] == 2 and res["model"]["n_layers"] == 4
     r = res["randomization"]["diffusion_cam"]
-    assert r["layer"] == 1 and [d["blocks"] for d in r["depths"]] == [[], [3], [3, 2]]
+    # the toy's cam_layer is block 0: the head, then blocks 3, 2, 1 are randomised
+    assert r["layer"] == 0 and [d["blocks"] for d in r["depths"]] == [[], [3], [3, 2], [3, 2, 1]]
     for d in r["depths"]:
         for kind in ("refined", "raw"):
             s = d[kind]
@@ -253,6 +254,6 @@ def test_cli_end_to_end_on_the_toy(tmp_path):
     dis = res["discrimination"]
     assert dis["images"] == 2 and len(dis["indices"]) == 2 and set(dis["methods"]) == {"diffusion_cam", "random"}
     md = (out / "sanity.md").read_text()
-    assert "| diffusion_cam | 1 |" in md and "Two-object discrimination" in md and md in p.stdout
+    assert "| diffusion_cam | 0 |" in md and "Two-object discrimination" in md and md in p.stdout
     assert (out / "sanity.png").read_bytes()[:4] == b"\x89PNG"
     assert not [x for x in out.iterdir() if x.name.startswith(".")]  # no temporary files left
