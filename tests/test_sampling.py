@@ -243,6 +243,7 @@ def test_prefix_cache_equals_uncached(padded):
     np.testing.assert_allclose(np.asarray(cached.confidence), np.asarray(plain.confidence), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_right_padded_prompt_equals_unpadded():
     plain, cached = _debug_pair(True)
     kw = dict(key=jax.random.key(11), gen_length=16, block_length=8, steps=8, remasking="low_confidence",

@@ -12,6 +12,7 @@ from dcam_jax.models import llada
 IMG = np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", [0, 1])
 def test_alignment_matches_finite_differences(tiny_model, layer):
     """tiny_model has 3 blocks. Above block 1 only block 2 remains, which reads an image token only through the

@@ -558,6 +558,7 @@ def test_unknown_grad_rule_and_missing_trajectory_raise(setup):
         attr.trajectory_states(s.answer, s.commit, [0], 0, MASK)
 
 
+@pytest.mark.slow
 def test_region_cap_of_one_is_the_identity_in_both_refine_paths():
     # refine() (host-grouped AKD) and refine_arrays() (in-graph akd_multi) agree, negative values included
     m = np.zeros((1, 5, 5), np.float32)

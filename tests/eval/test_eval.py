@@ -99,6 +99,7 @@ def count_calls(monkeypatch):
 # end to end
 
 
+@pytest.mark.slow
 def test_run_resume_report(tiny, tmp_path, count_calls):
     model, _ = tiny
     out = tmp_path / "run"
@@ -186,6 +187,7 @@ def test_run_resume_report(tiny, tmp_path, count_calls):
             assert im.size[0] > 100 and im.size[1] > 100
 
 
+@pytest.mark.slow
 def test_faithfulness_records_and_report(tiny, tmp_path):
     from dcam_jax import metrics
     from dcam_jax.cam import faithfulness as fa
@@ -241,6 +243,7 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
         assert im.size[0] > 300
 
 
+@pytest.mark.slow
 def test_alignment_measure_and_table(tiny):
     """eval.alignment end to end on the tiny model (the gradient-activation identity itself is checked against
     finite differences in tests/cam/test_alignment.py)."""

@@ -210,6 +210,7 @@ def test_toy_layout():
     assert a.num_views == 5 and a.grid == (2, 2) and a.num_image_tokens == 4 * 4 + 8 * 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_image_blocks_match_mllm_image_tokens(tok, layout):
     hb, _ = _host_batch(tok, layout)
@@ -263,6 +264,7 @@ def test_corrupt_masks_at_ratio_t():
     np.testing.assert_array_equal(again[1], masked)
 
 
+@pytest.mark.slow
 def test_diffusion_loss_matches_numpy(host_batch, tok):
     hb, _ = host_batch
     cfg, params = tiny_config(), tiny_params()
@@ -338,6 +340,7 @@ def _np_grid_losses(grid, heads, weights, obj_shape, obj_colour, obj_centre):
     return loss, acc["shape"], acc["colour"], err, tok_acc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_object_losses_pool_over_masks(tok, layout):
     hb, _ = _host_batch(tok, layout)
@@ -370,6 +373,7 @@ def test_object_losses_pool_over_masks(tok, layout):
     np.testing.assert_allclose(pooled, (base[0] * w[..., None]).sum((0, 1)) / w.sum(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_token_rms_penalty_closed_form_and_in_the_losses(host_batch, tok):
     # tokens with RMS 1, 2 and 0.5 (ln 2 = 0.693): penalty = mean(log(rms)^2) = (0 + 2 * ln(2)^2) / 3
     d = 16
@@ -609,6 +613,7 @@ def _tiny_prefix(host_batch, tok):
     return hb, cfg, params, g, ids, prefix
 
 
+@pytest.mark.slow
 def test_greedy_decode_matches_numpy_loop(host_batch, tok):
     hb, cfg, params, g, ids, prefix = _tiny_prefix(host_batch, tok)
     G, steps = 6, 3
@@ -631,6 +636,7 @@ def test_greedy_decode_matches_numpy_loop(host_batch, tok):
     np.testing.assert_array_equal(tev.decode(params, cfg, prefix, G, steps, decoder="sampler"), got)
 
 
+@pytest.mark.slow
 def test_block_decoding_matches_numpy_loop(host_batch, tok):
     """--block_length: semi-autoregressive blocks, each filled before the next with its share of the steps."""
     hb, cfg, params, g, ids, prefix = _tiny_prefix(host_batch, tok)
