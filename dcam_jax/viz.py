@@ -20,6 +20,18 @@ def _cmap(name: str):
     return matplotlib.colormaps[name]
 
 
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (creating the parent folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def resize_map(map_hw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a [h, w] map to ``size_hw`` = (H, W) (half-pixel centres), clipped to [0, 1]."""
     m = np.asarray(map_hw, np.float32)
@@ -105,12 +117,7 @@ def summary_figure(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], a
     for t in sorted({t.strip() for t in tokens if t.strip()}, key=len, reverse=True):
         marked = re.sub(rf"(?<![\w\[]){re.escape(t)}(?![\w\]])", f"[{t}]", marked)
     fig.suptitle((title + "\n" if title else "") + f"answer: {marked}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def method_grid(images: Sequence[np.ndarray], labels: Sequence[str], maps: dict[str, Sequence[np.ndarray]],
@@ -155,9 +162,4 @@ def method_grid(images: Sequence[np.ndarray], labels: Sequence[str], maps: dict[
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
