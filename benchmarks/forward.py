@@ -118,4 +118,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from dcam_jax.cli import run_tool
+
+    run_tool(main)

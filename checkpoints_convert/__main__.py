@@ -75,7 +75,9 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    from dcam_jax.cli import run_tool
+
+    run_tool(main)
 
 
 if __name__ == "__main__":

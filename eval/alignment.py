@@ -137,4 +137,6 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from dcam_jax.cli import run_tool
+
+    run_tool(main)

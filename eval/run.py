@@ -1170,7 +1170,6 @@ def run(cfg: RunConfig, *, model=None, source=None, generation_caches: Optional[
     cfg = validate(cfg)
     init_distributed(cfg)
     pidx, pcount = jax.process_index(), jax.process_count()
-    out = _prepare_out_dir(cfg, pidx)
     if source is None:
         source = open_source(cfg)
     if model is None:
@@ -1180,7 +1179,8 @@ def run(cfg: RunConfig, *, model=None, source=None, generation_caches: Optional[
     cams = {m: cam_config_for(m, cfg) for m in cfg.methods}
     for m, cam in cams.items():
         if cam is not None:
-            ex.resolve(cam, model.config)  # bad layers etc. fail here, before any work
+            ex.resolve(cam, model.config)  # bad layers etc. fail here, before any work or folder
+    out = _prepare_out_dir(cfg, pidx)
     sampling = sampling_config(cfg, model)
     gkey, gdesc = generation_key(cfg, checkpoint_id(cfg), sampling)
     if pidx == 0:
@@ -1294,4 +1294,6 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from dcam_jax.cli import run_tool
+
+    run_tool(main)

@@ -93,3 +93,36 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert data["answer"] and data["tokens"]
     assert (out / "summary.png").exists() and len(list(out.glob("overlay_*.png"))) == len(data["tokens"])
     assert "truth_obj_iou" in data
+
+
+def _tool(args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("DCAM_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=240)
+
+
+def test_python_m_tools_report_bad_input_in_one_line(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    # A usage error: one line and a pointer to --help, not the module's whole docstring.
+    r = _tool(["eval.protocol"], root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("I1", "W1"))]
+    assert lines == ["error: --run_dirs is required (eval.run or eval.sweep output directories)",
+                     "Run `python -m eval.protocol --help` for the flags."]
+    # A bad value found after loading the model: one line, exit 1, and no output folder left behind.
+    out = tmp_path / "run"
+    r = _tool(["eval.run", "--layer=99", f"--out_dir={out}", "--num_examples=1"], root)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "error: layer=99 is out of range" in r.stderr and not out.exists()
+    # An output path under a file.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = _tool(["eval.run", f"--out_dir={afile}/sub", "--num_examples=1"], root)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Not a directory" in r.stderr

@@ -23,7 +23,7 @@ import warnings
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dcam_jax.models.config import MLLMConfig
 
@@ -31,54 +31,115 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 class ImageError(ValueError):
-    """An image could not be read or is unusable (corrupt file, wrong shape, too small)."""
+    """An image could not be read or is unusable (corrupt file, wrong shape, too small, too large)."""
+
+
+# Larger images are refused before their pixels are decoded (a 64-megapixel RGB image is 192 MB of pixels).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def _to_rgb(pil: Image.Image, source: str) -> Image.Image:
+    """Convert any PIL mode to RGB by a documented rule (see :func:`load_image`)."""
+    mode = pil.mode
+    if mode == "RGB":
+        return pil
+    warnings.warn(f"{source} has mode {mode}; converted to RGB", stacklevel=3)
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # High bit depth greyscale: scale to 8 bits by the range the mode can hold, never by clipping.
+        x = np.asarray(pil, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise ImageError(f"{source} (mode {mode}) holds NaN or infinite pixel values")
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if mode == "F":
+            if lo >= 0.0 and hi <= 1.0:
+                scale = 255.0
+            elif lo >= 0.0 and hi <= 255.0:
+                scale = 1.0
+            else:
+                raise ImageError(f"{source} is a float image with values in [{lo:g}, {hi:g}]; expected [0, 1] or "
+                                 "[0, 255]. Rescale it to 8 bits first.")
+        elif mode.startswith("I;16") or (lo >= 0.0 and hi <= 65535.0 and hi > 255.0):
+            scale = 255.0 / 65535.0
+        elif lo >= 0.0 and hi <= 255.0:
+            scale = 1.0
+        else:
+            raise ImageError(f"{source} is a 32-bit integer image with values in [{lo:g}, {hi:g}]; expected "
+                             "[0, 65535]. Rescale it to 8 bits first.")
+        grey = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in pil.info):
+        # Composite onto black, as PIL's plain convert would do for the colour channels.
+        rgba = pil.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    try:
+        return pil.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    except (ValueError, OSError) as e:
+        raise ImageError(f"{source} has mode {mode}, which cannot be converted to RGB: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------------
 # loading and validation
 
 
-def load_image(image: ImageLike, *, min_side: int = 1) -> Image.Image:
+def load_image(image: ImageLike, *, min_side: int = 1, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Return an RGB PIL image from a path, a PIL image or a uint8 array [H, W] / [H, W, 3|4].
 
-    Grayscale, palette and RGBA inputs are converted to RGB with a warning that says so. A file that is not a
-    readable image, or an image smaller than ``min_side`` pixels on a side, raises :class:`ImageError`.
+    Every PIL mode becomes RGB by one rule, with a warning that names the original mode:
+
+    - 16-bit greyscale (``I;16*``) is scaled by 255 / 65535; 32-bit integer (``I``) likewise when its values
+      exceed 255, as is when they fit in [0, 255]; float (``F``) by 255 when in [0, 1], as is when in [0, 255].
+      Other ranges, NaN or infinities raise :class:`ImageError` (no clipping, no silent rescaling).
+    - Alpha (``RGBA``, ``LA``, ``PA``, transparent palettes) is composited onto black.
+    - ``L``, ``1``, ``P``, ``CMYK``, ``YCbCr`` and the rest go through PIL's own conversion.
+
+    Files are turned upright by their EXIF orientation tag. A file that is not a readable image, an image
+    smaller than ``min_side`` pixels on a side, or one of more than ``max_pixels`` pixels (checked before
+    decoding) raises :class:`ImageError`.
     """
+    def check_size(size, source):
+        if size[0] * size[1] > max_pixels:
+            raise ImageError(f"{source} is {size[0]}x{size[1]} pixels, more than the limit of {max_pixels:,}; "
+                             "downscale it first (the model sees at most a few hundred pixels per side)")
+
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.exists(path):
             raise ImageError(f"image file {path!r} does not exist")
         if os.path.isdir(path):
             raise ImageError(f"image path {path!r} is a directory, expected an image file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                pil = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"cannot read image {path!r}: {e}. Is it a PNG/JPEG file, and is it complete?") from None
         source = repr(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    check_size(im.size, source)
+                    im.load()
+                    pil = ImageOps.exif_transpose(im)
+                    pil = pil.copy() if pil is im else pil
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f"{source} is too large to decode safely: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"cannot read image {path!r}: {e}. Is it a PNG/JPEG file, and is it complete?") from None
     elif isinstance(image, Image.Image):
         pil, source = image, "the given PIL image"
+        check_size(pil.size, source)
     elif isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:
             raise ImageError(f"image array has dtype {arr.dtype}; expected uint8 in [0, 255] "
                              "(convert with (x * 255).round().astype(np.uint8))")
         if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4)):
+            check_size((arr.shape[1], arr.shape[0]), "the given array")
             pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
         else:
             raise ImageError(f"image array has shape {arr.shape}; expected [H, W], [H, W, 3] or [H, W, 4]")
         source = "the given array"
     else:
         raise ImageError(f"unsupported image type {type(image).__name__}; pass a path, a PIL image or a uint8 array")
-    if pil.mode != "RGB":
-        warnings.warn(f"{source} has mode {pil.mode}; converted to RGB", stacklevel=2)
-        if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
-            # composite onto black, as PIL's plain convert would do for the colour channels
-            pil = pil.convert("RGBA")
-            bg = Image.new("RGBA", pil.size, (0, 0, 0, 255))
-            pil = Image.alpha_composite(bg, pil)
-        pil = pil.convert("RGB")
+    pil = _to_rgb(pil, source)
     if min(pil.size) < min_side:
         raise ImageError(f"{source} is {pil.size[0]}x{pil.size[1]} pixels; it must be at least {min_side} pixels on "
                          "each side (one vision patch)")

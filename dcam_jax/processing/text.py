@@ -68,10 +68,38 @@ def tokenize_with_image(text: str, tokenizer) -> list[int]:
     return ids
 
 
+# Control strings of the chat template, refused in prompts whatever the tokenizer says.
+TEMPLATE_TOKENS = ("<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|endoftext|>", "<|mdm_mask|>")
+
+
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a special token (its special and added special tokens) and the chat
+    template's control strings, longest first."""
+    found = set(TEMPLATE_TOKENS) | {str(t) for t in getattr(tokenizer, "all_special_tokens", ())}
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok.content))
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def check_plain_prompt(question: str, tokenizer) -> None:
+    """Refuse a prompt that contains a special token's text (``<|mdm_mask|>``, ``<|eot_id|>``, ...).
+
+    Prompts are plain text: a control string typed into one would be tokenised as the real control token and
+    could inject mask tokens or extra chat turns. Raises ValueError naming the string.
+    """
+    for token in special_token_strings(tokenizer):
+        if token in question:
+            raise ValueError(f"the prompt contains the special token {token!r}; prompts are plain text and may not "
+                             "contain the model's control tokens (remove it, or spell it differently)")
+
+
 def build_prompt_ids(question: str | None, config: MLLMConfig, tokenizer) -> np.ndarray:
     """Host int32 ids [T] of the chat prompt for ``question`` with one image placeholder.
 
-    ``question=None`` uses the model's default prompt; a model without one raises.
+    ``question=None`` uses the model's default prompt; a model without one raises. A question that contains the
+    text of a special token is refused (:func:`check_plain_prompt`).
     """
     if question is None:
         if not config.default_prompt:
@@ -84,6 +112,7 @@ def build_prompt_ids(question: str | None, config: MLLMConfig, tokenizer) -> np.
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; text prompts need one (convert the checkpoint with its "
                          "tokenizer files)")
+    check_plain_prompt(question, tokenizer)
     return np.asarray(tokenize_with_image(chat_prompt(question, config), tokenizer), np.int32)
 
 
