@@ -25,7 +25,7 @@ setup: $(VENV)/.core-installed
 setup-test: $(VENV)/.test-installed
 
 demo: $(VENV)/.core-installed
-	$(VENV)/bin/dcam demo --out_dir=dcam_out
+	$(VENV)/bin/dcam demo --out_dir=dcam_out --overwrite
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest $(PYTEST_ARGS)

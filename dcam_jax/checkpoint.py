@@ -226,8 +226,11 @@ class CheckpointWriter:
         self.expected = param_shapes(config)  # raises TypeError on a bad config type
         check_destination(self.path, force)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.removed_stale = remove_stale_partials(self.path)
+        for d in self.removed_stale:
+            logging.warning("removed %s, a partial checkpoint left by a killed run", d)
         # mkdir (not mkdtemp) so the finished checkpoint gets the user's umask permissions, not 0700
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.tmp.mkdir()
         self._written: dict[Path_, tuple[tuple[int, ...], str]] = {}
         self._done = False
@@ -311,6 +314,27 @@ class CheckpointWriter:
         self._done = True
         log.info("wrote checkpoint %s (%d params, dtype %s)", self.path, marker["num_params"], marker["param_dtype"])
         return self.path
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Delete the partial checkpoints (``.NAME.tmp-<pid>-*``) that killed writes of ``path`` left beside it, when
+    their process is gone. A partial of a running process is kept. Returns the removed folders."""
+    path = Path(path).absolute()
+    removed = []
+    for d in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = d.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if not (d.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def _place(tmp: Path, path: Path, force: bool) -> None:

@@ -56,7 +56,9 @@ def _define_flags(command: str):
                             "Default: as stored.")
     if command in ("explain", "demo"):
         _d(flags.DEFINE_string, F, "out_dir", "dcam_out", "Where to write the pictures and explanation.json (created; "
-                            "must not be a file).")
+                            "must not be a file). A folder that already holds files is refused unless --overwrite.")
+        _d(flags.DEFINE_bool, F, "overwrite", False, "Replace the contents of an existing --out_dir (the new results "
+                          "are written first and then swapped in, so a failed run leaves the old folder as it was).")
         _d(flags.DEFINE_string, F, "method", "diffusion_cam", "diffusion_cam (the default: conservative gradients, "
                             "per-token gradient x activation) | paper (the paper's formulas as written) | "
                             "reference_compat (the authors' released code) | gradcam | llava_cam | tam | layercam | "
@@ -89,11 +91,54 @@ def _define_flags(command: str):
     return F
 
 
-def _check_out_dir(path: str) -> Path:
+_TMP_PREFIX = ".dcam_tmp_"
+
+
+def _check_out_dir(path: str, overwrite: bool = False) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"--out_dir={path} exists and is a file; choose a directory")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise UsageError(f"--out_dir={path} already holds files; pass --overwrite to replace them, or choose another "
+                         "--out_dir")
     return p
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp(parent: Path) -> list[Path]:
+    """Remove the temporary folders (``.dcam_tmp_<pid>_*``) that killed runs left in ``parent``; a folder whose
+    process still runs is kept. Returns the removed paths."""
+    import shutil
+
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for d in parent.glob(_TMP_PREFIX + "*"):
+        pid = d.name[len(_TMP_PREFIX):].split("_", 1)[0]
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _targets(values):
@@ -132,33 +177,60 @@ def _sampling(F, model):
 
 
 def _write_outputs(out_dir: Path, image: np.ndarray, e, *, title: str, extra: dict) -> list[Path]:
-    """Write overlays, summary.png and explanation.json atomically into out_dir (temp dir, then moved)."""
+    """Write overlays, summary.png, explanation.json and maps.npy into a temporary folder beside ``out_dir``, then
+    swap it in whole: a run that fails or is killed leaves ``out_dir`` as it was (and a temporary folder that the
+    next run removes)."""
+    import shutil
+
     from dcam_jax import viz
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".dcam_tmp_", dir=out_dir.parent))
+    for d in clean_stale_temp(out_dir.parent):
+        print(f"removed {d}, left by a run that was killed", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}_", dir=out_dir.parent))
     try:
-        written = viz.save_overlays(image, e.maps, e.tokens, tmp)
-        raw = None if np.allclose(e.raw_maps, e.maps, atol=1e-5) else e.raw_maps  # a second row if refinement acted
-        written.append(viz.summary_figure(image, e.maps, e.tokens, e.text, tmp / "summary.png", title=title,
-                                          raw_maps=raw))
+        shown = viz.display_image(image)
+        size = shown.shape[:2]
+        maps = e.image_maps(size)
+        written = viz.save_overlays(shown, maps, e.tokens, tmp)
+        refined = not np.allclose(e.raw_maps, e.maps, atol=1e-5)  # a second row if refinement acted
+        written.append(viz.summary_figure(shown, maps, e.tokens, e.text, tmp / "summary.png", title=title,
+                                          raw_maps=e.image_maps(size, raw=True) if refined else None))
         data = e.to_dict()
         data.update(extra)
         (tmp / "explanation.json").write_text(json.dumps(data, indent=2))
         written.append(tmp / "explanation.json")
         np.save(tmp / "maps.npy", e.maps)
         written.append(tmp / "maps.npy")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        final = []
-        for f in written:
-            dst = out_dir / f.name
-            os.replace(f, dst)
-            final.append(dst)
-        return final
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f"{_TMP_PREFIX}{os.getpid()}_old_{out_dir.name}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return [out_dir / f.name for f in written]
     finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_record(F, model, image_source, prompt, sampling, argv) -> dict:
+    """What made this result: command, checkpoint (path and the SHA-256 of its metadata), image (path and
+    SHA-256), prompt, seed, sampling settings and the dcam_jax version."""
+    import dataclasses
+
+    import dcam_jax as dj
+
+    meta = Path(model.path) / "dcam_checkpoint.json"
+    image = {"path": str(Path(image_source).resolve())} if isinstance(image_source, (str, os.PathLike)) else {}
+    if image:
+        image["sha256"] = file_sha256(image_source)
+    return {"command": list(argv), "dcam_jax_version": dj.__version__,
+            "checkpoint": {"name": F.checkpoint, "path": str(Path(model.path).resolve()),
+                           "metadata_sha256": file_sha256(meta) if meta.exists() else None},
+            "image": image, "prompt": prompt if prompt is not None else model.config.default_prompt,
+            "seed": F.seed, "sampling": dataclasses.asdict(sampling), "dtype": F.dtype}
 
 
 def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=None):
@@ -167,7 +239,7 @@ def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=
     import dcam_jax as dj
     from dcam_jax.processing.image import load_image
 
-    out_dir = _check_out_dir(F.out_dir)
+    out_dir = _check_out_dir(F.out_dir, F.overwrite)
     cam = _cam_config(F)  # bad method / rule / probe names fail before anything loads
     t0 = time.perf_counter()
     print(f"loading {F.checkpoint} ...", flush=True)
@@ -179,7 +251,8 @@ def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=
           flush=True)
     e = dj.explain(model, pil, prompt, answer=answer, targets=targets, config=cam, key=jax.random.key(F.seed),
                    sampling=sampling)
-    files = _write_outputs(out_dir, image, e, title=title, extra=extra or {})
+    record = {"run": _run_record(F, model, image_source, prompt, sampling, _ARGV or [])}
+    files = _write_outputs(out_dir, image, e, title=title, extra={**record, **(extra or {})})
     print(f"answer: {e.text}")
     print(f"explained: {', '.join(t.strip() for t in e.tokens)}")
     print(f"wrote {len(files)} files to {out_dir}/ in {time.perf_counter() - t0:.1f} s:")
@@ -262,8 +335,13 @@ def cmd_info(F):
     print(f"tokenizer: {'yes' if model.tokenizer is not None else 'none'}; default prompt: {c.default_prompt!r}")
 
 
+_ARGV: list[str] | None = None  # the command line of the running main(), for the run record
+
+
 def main(argv=None):
+    global _ARGV
     argv = list(sys.argv if argv is None else argv)
+    _ARGV = ["dcam"] + argv[1:]
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -67,20 +67,43 @@ def safe_name(token: str, index: int) -> str:
     return f"{index:02d}_{clean[:32]}"
 
 
-def save_overlays(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], out_dir: str | os.PathLike,
-                  scale: int = 4, alpha: float = 0.5) -> list[Path]:
-    """Write one overlay PNG per token into ``out_dir``. image [H, W, 3] uint8, maps [T, h, w]. Returns the paths.
+def display_image(image: np.ndarray, min_side: int = 256, max_side: int = 1024) -> np.ndarray:
+    """The image at a size fit for looking at: a long side under ``min_side`` is enlarged by a whole factor
+    (nearest, pixels stay sharp), one over ``max_side`` is reduced to ``max_side`` (Lanczos); otherwise the image
+    itself. image [H, W, 3] uint8 -> [H', W', 3] uint8. Bounds the memory of every picture drawn from it."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
+    if not 1 <= min_side <= max_side:
+        raise ValueError(f"need 1 <= min_side ({min_side}) <= max_side ({max_side})")
+    h, w = image.shape[:2]
+    long = max(h, w)
+    if long > max_side:
+        f = max_side / long
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+    if long < min_side:
+        k = min(-(-min_side // long), max_side // long)
+        if k > 1:
+            return np.asarray(Image.fromarray(image).resize((w * k, h * k), Image.NEAREST))
+    return image
 
-    Small images are upscaled by ``scale`` (nearest) first so the overlays stay readable.
+
+def save_overlays(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], out_dir: str | os.PathLike,
+                  alpha: float = 0.5, min_side: int = 256, max_side: int = 1024) -> list[Path]:
+    """Write one overlay PNG per token into ``out_dir``. image [H, W, 3] uint8; maps [T, h, w] in [0, 1], aligned
+    with the image (each is resized to it). Returns the paths.
+
+    The overlays are drawn on :func:`display_image` (``min_side``, ``max_side``): small images are enlarged so
+    they stay readable, large ones reduced so memory stays bounded whatever the input size.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    big = np.asarray(Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale),
-                                                    Image.NEAREST)) if scale > 1 else image
+    shown = display_image(image, min_side, max_side)
     paths = []
     for i, (m, tok) in enumerate(zip(maps, tokens)):
         p = out / f"overlay_{safe_name(tok, i)}.png"
-        Image.fromarray(overlay(big, m, alpha)).save(p)
+        Image.fromarray(overlay(shown, m, alpha)).save(p)
         paths.append(p)
     return paths
 

@@ -136,6 +136,25 @@ def test_existing_path_force_and_atomic_replacement(tmp_path):
     assert (foreign / "data.txt").read_text() == "precious"
 
 
+def test_partials_of_killed_writes_are_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = C.tiny_lm()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".c.tmp-{dead}-0123456789ab"
+    live = tmp_path / f".c.tmp-{os.getppid()}-0123456789ab"  # a running process: kept
+    other = tmp_path / f".d.tmp-{dead}-0123456789ab"  # another checkpoint's partial: not ours to judge
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "data").write_bytes(b"0" * 64)
+    ck.save_checkpoint(tmp_path / "c", cfg, _numpy_params(cfg, seed=1))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", live.name, other.name])
+
+
 def test_writer_rejects_unknown_duplicate_and_misshaped_params(tmp_path):
     cfg = C.tiny_lm()
     p = _numpy_params(cfg)

@@ -59,6 +59,59 @@ def test_explain_end_to_end(tiny_ckpt, image_path, tmp_path, capsys):
             im.load()
             assert im.size[0] > 0
     assert not list(tmp_path.glob(".dcam_tmp_*"))  # the staging directory is gone
+    # The overlays show the maps aligned with the (non-square) image: the pad layout's padding cut off first.
+    from dcam_jax import viz
+
+    shown = viz.display_image(np.asarray(Image.open(image_path).convert("RGB")))
+    with Image.open(pngs[0]) as im:
+        got = np.asarray(im)
+    np.testing.assert_array_equal(got, viz.overlay(shown, e.image_maps(shown.shape[:2])[0]))
+    # The run record says what made the result.
+    run = data["run"]
+    assert run["command"][:2] == ["dcam", "explain"] and run["seed"] == 0
+    assert run["prompt"] == "describe the image" and run["dcam_jax_version"] == dj.__version__
+    assert run["checkpoint"]["path"] == str(tiny_ckpt.resolve())
+    assert run["checkpoint"]["metadata_sha256"] == cli.file_sha256(tiny_ckpt / "dcam_checkpoint.json")
+    assert run["image"]["sha256"] == cli.file_sha256(image_path)
+    assert run["sampling"]["gen_length"] == api.default_sampling(m.config).gen_length
+    assert data["config"]["method"] == "diffusion_cam"
+
+
+def test_output_folder_is_owned_per_run(tiny_ckpt, image_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "overlay_99_old.png").write_bytes(b"old")
+    args = ["dcam", "explain", f"--checkpoint={tiny_ckpt}", f"--image={image_path}", "--refine=none",
+            f"--out_dir={out}"]
+    assert cli.main(args) == 2
+    assert "already holds files; pass --overwrite" in capsys.readouterr().err
+    assert (out / "overlay_99_old.png").read_bytes() == b"old"  # untouched
+    # A temporary folder left by a killed run (its process is gone) is removed by the next run.
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".dcam_tmp_{dead}_abc"
+    stale.mkdir()
+    (stale / "big.npy").write_bytes(b"0" * 100)
+    assert cli.main(args + ["--overwrite"]) == 0, capsys.readouterr().err
+    assert f"removed {stale}" in capsys.readouterr().out and not stale.exists()
+    assert not (out / "overlay_99_old.png").exists() and (out / "explanation.json").exists()
+    assert not list(tmp_path.glob(".dcam_tmp_*"))
+
+
+def test_display_image_bounds_the_picture():
+    from dcam_jax import viz
+
+    small = np.zeros((64, 48, 3), np.uint8)
+    assert viz.display_image(small).shape == (256, 192, 3)  # enlarged 4x, nearest
+    big = np.zeros((3000, 4000, 3), np.uint8)
+    assert viz.display_image(big).shape == (768, 1024, 3)
+    mid = np.zeros((300, 500, 3), np.uint8)
+    assert viz.display_image(mid) is mid
+    with pytest.raises(ValueError, match="uint8"):
+        viz.display_image(np.zeros((4, 4, 3)))
 
 
 def test_info(tiny_ckpt, capsys):

@@ -208,11 +208,12 @@ class Explanation:
     image_size: tuple[int, int]
     config: CamConfig
 
-    def image_maps(self, size: tuple[int, int] | None = None) -> np.ndarray:
-        """Maps resized bilinearly to ``size`` = (height, width) (default: the input image). -> [T, *size]."""
+    def image_maps(self, size: tuple[int, int] | None = None, raw: bool = False) -> np.ndarray:
+        """Maps aligned with the input image and resized bilinearly to ``size`` = (height, width) (default: the
+        input image's); the pad layout's padding is cut off first. ``raw=True`` gives the raw maps. -> [T, *size]."""
         if size is None:
             size = (self.image_size[1], self.image_size[0])
-        maps = jnp.asarray(self.maps)
+        maps = jnp.asarray(self.raw_maps if raw else self.maps)
         box = self.layout.geometry.pad_box if self.view == "base" else None
         if box is not None:
             # the base view of the "pad" layout is a square with the image centred: cut the image's part out
