@@ -316,6 +316,17 @@ class CheckpointWriter:
         return self.path
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one that is not ours to signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     """Delete the partial checkpoints (``.NAME.tmp-<pid>-*``) that killed writes of ``path`` left beside it, when
     their process is gone. A partial of a running process is kept. Returns the removed folders."""
@@ -323,14 +334,7 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     removed = []
     for d in path.parent.glob(f".{path.name}.tmp-*"):
         pid = d.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
-        if not (d.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if not (d.is_dir() and pid.isdigit()) or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)

@@ -104,27 +104,19 @@ def _check_out_dir(path: str, overwrite: bool = False) -> Path:
     return p
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_temp(parent: Path) -> list[Path]:
     """Remove the temporary folders (``.dcam_tmp_<pid>_*``) that killed runs left in ``parent``; a folder whose
     process still runs is kept. Returns the removed paths."""
     import shutil
+
+    from dcam_jax.checkpoint import pid_alive
 
     removed = []
     if not parent.is_dir():
         return removed
     for d in parent.glob(_TMP_PREFIX + "*"):
         pid = d.name[len(_TMP_PREFIX):].split("_", 1)[0]
-        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
