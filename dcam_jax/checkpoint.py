@@ -40,7 +40,7 @@ from dcam_jax.models.config import LMConfig, MLLMConfig
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "dcam_jax.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the marker lists every file with its size and SHA-256
 MARKER_FILE = "dcam_checkpoint.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -271,6 +271,11 @@ class CheckpointWriter:
         for p, v in leaves.items():
             if not _is_float(v.dtype):
                 raise CheckpointError(f"parameter {_fmt(p)} has dtype {v.dtype}; parameters must be floating point")
+            finite = bool(jax.numpy.isfinite(v).all()) if isinstance(v, jax.Array) else bool(
+                np.isfinite(v.astype(np.float32) if v.dtype.itemsize < 4 else v).all())
+            if not finite:
+                raise CheckpointError(f"parameter {_fmt(p)} holds NaN or infinite values; a checkpoint must be finite "
+                                      "(is the source file corrupt?)")
         with _orbax_context():
             _orbax_v1().partial.save(self.tmp / PARAMS_DIR, unflatten(leaves))
         for p, v in leaves.items():
@@ -297,6 +302,7 @@ class CheckpointWriter:
                 for f in self.tokenizer_files:
                     shutil.copy2(f, self.tmp / TOKENIZER_DIR / f.name)
             dtypes = sorted({d for _, d in self._written.values()})
+            manifest = file_manifest(self.tmp)
             marker = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
@@ -305,6 +311,7 @@ class CheckpointWriter:
                 "num_params": int(sum(int(np.prod(s)) for s, _ in self._written.values())),
                 "created_unix": int(time.time()),
                 "info": self.info,
+                "files": manifest,
             }
             (self.tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True))
             _place(self.tmp, self.path, self.force)
@@ -397,6 +404,68 @@ class LoadedCheckpoint(NamedTuple):
     tokenizer_dir: Path | None
 
 
+def file_manifest(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under ``root`` except the marker, sorted."""
+    import hashlib
+
+    root = Path(root)
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if rel == MARKER_FILE:
+            continue
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[rel] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+VERIFY_MODES = ("full", "size", "none")
+
+
+def verify_files(path: str | os.PathLike, verify: str = "full") -> None:
+    """Check a checkpoint's files against the manifest its marker records.
+
+    verify: "full" (sizes and SHA-256 of every file: reads the whole checkpoint once more), "size" (every file
+      present with its recorded size), "none". A checkpoint of format version 1 has no manifest: a warning says
+      so and nothing is checked.
+    Raises :class:`CheckpointError` naming the first missing, resized or altered file.
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}, expected one of {VERIFY_MODES}")
+    path = Path(path)
+    marker = read_marker(path)
+    if verify == "none":
+        return
+    manifest = marker.get("files")
+    if manifest is None:
+        log.warning("%s was written without a file manifest (format version %s); its files cannot be verified. "
+                    "Save it again to add one.", path, marker.get("version"))
+        return
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path / MARKER_FILE}: 'files' is not a mapping; the marker is corrupt")
+    import hashlib
+
+    for rel, want in manifest.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {rel} is missing; the checkpoint is incomplete")
+        size = f.stat().st_size
+        if size != want.get("size"):
+            raise CheckpointError(f"{path}: file {rel} has {size} bytes, {want.get('size')} were written; the "
+                                  "checkpoint is truncated or corrupt")
+        if verify == "full":
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != want.get("sha256"):
+                raise CheckpointError(f"{path}: file {rel} does not match the SHA-256 recorded when it was written; "
+                                      "the checkpoint is corrupt (re-convert or re-copy it)")
+
+
 def read_marker(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``dcam_checkpoint.json`` of a checkpoint directory, validated (format name and version)."""
     path = Path(path)
@@ -456,7 +525,8 @@ ShardingSpec = (jax.sharding.Sharding | Mapping[str, Any]
                 | Callable[[Path_, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None)
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype: Any = None, sharding: ShardingSpec = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, *, dtype: Any = None, sharding: ShardingSpec = None,
+                    verify: str = "full") -> LoadedCheckpoint:
     """Load a checkpoint written by :func:`save_checkpoint` or ``python -m checkpoints_convert``.
 
     dtype: cast every parameter to this dtype while reading (e.g. "float32"); None keeps the stored dtype.
@@ -464,6 +534,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = None, sharding: Sha
       a pytree of shardings shaped like the params, or a callable ``(path: tuple[str, ...], leaf:
       jax.ShapeDtypeStruct) -> Sharding`` such as :func:`dcam_jax.sharding.lm_sharding_rules`. Orbax reads each
       shard straight into its device buffers (no full host copy of a sharded array).
+    verify: check the files against the manifest written with them first (:func:`verify_files`: "full" hashes
+      every file, "size" checks presence and sizes, "none" skips it).
     Returns (config, params, tokenizer_dir or None); params leaves are ``jax.Array``.
     Raises :class:`CheckpointError` if ``path`` is not a dcam_jax checkpoint, is incomplete or corrupt, or its
     params do not match its config.
@@ -472,6 +544,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = None, sharding: Sha
     config = read_config(path)
     stored = stored_param_shapes(path)
     check_params({p: s for p, (s, _) in stored.items()}, config, str(path))
+    verify_files(path, verify)  # after the structural checks, whose messages say more
     target_dtype = None
     if dtype is not None:
         target_dtype = np.dtype(dtype)
@@ -483,8 +556,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: Any = None, sharding: Sha
     try:
         with _orbax_context():
             params = _orbax_v1().load(path / PARAMS_DIR, target)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path / PARAMS_DIR}: failed to read the parameters: {e}") from e
+    except Exception as e:  # orbax raises bare Exceptions for truncated or altered data files
+        raise CheckpointError(f"{path / PARAMS_DIR}: failed to read the parameters: {type(e).__name__}: {e}") from e
     tok = path / TOKENIZER_DIR
     return LoadedCheckpoint(config, params, tok if tok.is_dir() else None)
 

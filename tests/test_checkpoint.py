@@ -246,3 +246,58 @@ def test_load_with_explicit_shardings(saved):
         ck.load_checkpoint(saved, sharding=tree)
     with pytest.raises(ValueError, match="sharding callable returned str"):
         ck.load_checkpoint(saved, sharding=lambda p, x: "cpu")
+
+
+def _data_files(path):
+    """The params' files, smallest to largest (the largest holds the tensor data)."""
+    return sorted((f for f in (path / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def test_flipped_or_truncated_bytes_are_caught_at_load(tmp_path, saved):
+    flipped = tmp_path / "flipped"
+    shutil.copytree(saved, flipped)
+    target = _data_files(flipped)[-1]
+    data = bytearray(target.read_bytes())
+    for k in range(64):  # 64 flipped bytes in the middle of a data file, size unchanged
+        data[len(data) // 2 + k] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match="does not match the SHA-256"):
+        ck.load_checkpoint(flipped)
+    ck.load_checkpoint(flipped, verify="size")  # the cheap check cannot see it, by design
+    truncated = tmp_path / "truncated"
+    shutil.copytree(saved, truncated)
+    target = _data_files(truncated)[-1]
+    target.write_bytes(target.read_bytes()[:100])
+    for mode in ("full", "size"):
+        with pytest.raises(ck.CheckpointError, match="truncated or corrupt"):
+            ck.load_checkpoint(truncated, verify=mode)
+    # Without verification orbax fails on its own, and that failure is a CheckpointError too.
+    with pytest.raises(ck.CheckpointError, match="failed to read the parameters"):
+        ck.load_checkpoint(truncated, verify="none")
+    with pytest.raises(ValueError, match="verify="):
+        ck.load_checkpoint(saved, verify="sometimes")
+
+
+def test_manifest_lists_every_file_and_old_markers_warn(tmp_path, saved, caplog):
+    marker = json.loads((saved / ck.MARKER_FILE).read_text())
+    on_disk = sorted(f.relative_to(saved).as_posix() for f in saved.rglob("*")
+                     if f.is_file() and f.name != ck.MARKER_FILE)
+    assert marker["version"] == ck.FORMAT_VERSION and sorted(marker["files"]) == on_disk
+    old = tmp_path / "old"
+    shutil.copytree(saved, old)
+    del marker["files"]
+    marker["version"] = 1
+    (old / ck.MARKER_FILE).write_text(json.dumps(marker))
+    with caplog.at_level("WARNING"):
+        ck.load_checkpoint(old)
+    assert "without a file manifest" in caplog.text
+
+
+def test_non_finite_parameters_are_refused_at_save(tmp_path):
+    cfg = C.tiny_lm()
+    params = _numpy_params(cfg, seed=1)
+    params["lm"]["final_norm"] = params["lm"]["final_norm"].copy()
+    params["lm"]["final_norm"][3] = np.nan
+    with pytest.raises(ck.CheckpointError, match="lm/final_norm holds NaN"):
+        ck.save_checkpoint(tmp_path / "c", cfg, params)
+    assert list(tmp_path.iterdir()) == []

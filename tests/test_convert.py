@@ -392,6 +392,9 @@ def _truncate(d: Path):
     ("wrong_shape", "reshape model.transformer.blocks.0.v_proj.weight",
      r"wrong shape: model\.transformer\.blocks\.0\.v_proj\.weight: \[16, 32\], expected \[32, 32\]"),
     ("unknown_arch", "rename", r"unknown architecture: found no LLaDA language-model tensors"),
+    ("nan", "nan model.transformer.blocks.1.up_proj.weight", r"holds NaN or infinite values"),
+    ("bad_eps", "override rms_eps=-1", r"rms_eps=-1 must be a finite positive number"),
+    ("bad_theta", "override rope_theta=fast", r"rope_theta"),
 ])
 def test_conversion_failures_name_the_problem_and_leave_nothing(lm_tensors, tmp_path, case, edit, pattern):
     tensors = dict(lm_tensors)
@@ -403,12 +406,16 @@ def test_conversion_failures_name_the_problem_and_leave_nothing(lm_tensors, tmp_
         tensors[edit[8:]] = tensors[edit[8:]][:16]
     elif edit == "rename":
         tensors = {f"encoder.layer.{i}.weight": t for i, t in enumerate(tensors.values())}
+    elif edit.startswith("nan "):
+        tensors[edit[4:]] = tensors[edit[4:]].clone()
+        tensors[edit[4:]][0, 0] = float("nan")
+    overrides = LM_IDS + ([edit[len("override "):]] if edit.startswith("override ") else [])
     src = _save_hf(tmp_path / "hf", tensors)
     if edit == "truncate":
         _truncate(src)
     out = tmp_path / "out"
-    with pytest.raises((ConversionError, SafetensorsError), match=pattern):
-        convert(src, out, progress=False, overrides=LM_IDS)
+    with pytest.raises((ConversionError, SafetensorsError, ck.CheckpointError), match=pattern):
+        convert(src, out, progress=False, overrides=overrides)
     _assert_nothing_left(out)
 
 
@@ -439,7 +446,7 @@ def test_shape_free_setting_contradicting_shapes_is_reported(lm_tensors, tmp_pat
     src = _save_hf(tmp_path / "hf", lm_tensors)
     with pytest.raises(ConversionError, match=r"query projection has 32 outputs, not a multiple of n_heads=5"):
         convert(src, tmp_path / "out", progress=False, overrides=["n_heads=5", *LM_IDS[1:]])
-    with pytest.raises(ConversionError, match=r"mask_id=126336 is outside the vocabulary"):
+    with pytest.raises(ConversionError, match=r"mask_id=126336 must be an int id inside the vocabulary"):
         convert(src, tmp_path / "out", progress=False, overrides=["n_heads=4"])  # preset ids vs 64-token vocab
     with pytest.raises(ConversionError, match=r"tensors with the wrong shape: .*k_proj"):
         convert(src, tmp_path / "out", progress=False, overrides=[*LM_IDS, "n_kv_heads=2"])

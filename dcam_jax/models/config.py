@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping
 
 # Special token ids shared by LLaDA-8B, LaViDa and LLaDA-V (reference/backbones.md section 1.1).
@@ -80,6 +81,8 @@ class LMConfig:
     def __post_init__(self):
         _check_positive(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                                "mlp_hidden", "max_seq_len"))
+        _check_positive_float(self, ("rms_eps", "rope_theta"))
+        _check_flag(self, "remat")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LMConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
@@ -88,8 +91,8 @@ class LMConfig:
             raise ConfigError(f"LMConfig: dtype={self.dtype!r}, expected one of {_DTYPES}")
         for name in ("mask_id", "eos_id", "pad_id", "bos_id", "eot_id"):
             v = getattr(self, name)
-            if not 0 <= v < self.vocab_size:
-                raise ConfigError(f"LMConfig: {name}={v} is outside the vocabulary [0, {self.vocab_size})")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
+                raise ConfigError(f"LMConfig: {name}={v!r} must be an int id inside the vocabulary [0, {self.vocab_size})")
 
     @property
     def num_params(self) -> int:
@@ -131,6 +134,14 @@ class VisionConfig:
 
     def __post_init__(self):
         _check_positive(self, ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim"))
+        _check_positive_float(self, ("ln_eps",))
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if (not isinstance(v, (tuple, list)) or len(v) != 3
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+                raise ConfigError(f"VisionConfig: {name}={v!r} must be three finite numbers")
+        if not all(x > 0 for x in self.image_std):
+            raise ConfigError(f"VisionConfig: image_std={self.image_std!r} must be positive")
         if self.image_size < self.patch_size:
             raise ConfigError(f"VisionConfig: image_size={self.image_size} is smaller than patch_size={self.patch_size}")
         if self.width % self.num_heads:
@@ -344,6 +355,20 @@ def _check_positive(cfg, names):
         v = getattr(cfg, n)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"{type(cfg).__name__}: {n}={v!r} must be a positive integer")
+
+
+def _check_positive_float(cfg, names):
+    """Finite, positive real numbers (ints accepted and stored as float)."""
+    for n in names:
+        v = getattr(cfg, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{type(cfg).__name__}: {n}={v!r} must be a finite positive number")
+        object.__setattr__(cfg, n, float(v))
+
+
+def _check_flag(cfg, name):
+    if not isinstance(getattr(cfg, name), bool):
+        raise ConfigError(f"{type(cfg).__name__}: {name}={getattr(cfg, name)!r} must be true or false")
 
 
 # ----------------------------------------------------------------------------------------------------------
