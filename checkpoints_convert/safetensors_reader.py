@@ -181,6 +181,13 @@ class SafetensorsCheckpoint:
         if not isinstance(weight_map, dict) or not weight_map:
             raise SafetensorsError(f"{index_path}: expected a non-empty 'weight_map' object (tensor -> file)")
         file_names = sorted(set(weight_map.values()))
+        root = directory.resolve()
+        outside = [f for f in file_names
+                   if not isinstance(f, str) or not f or os.path.isabs(f)
+                   or not (root / f).resolve().is_relative_to(root)]
+        if outside:
+            raise SafetensorsError(f"{index_path} names shard file(s) outside the checkpoint directory {directory}: "
+                                   f"{outside[:5]}; shards must be plain file names inside it")
         missing_files = [f for f in file_names if not (directory / f).is_file()]
         if missing_files:
             raise SafetensorsError(f"{index_path} names shard file(s) that do not exist: {missing_files}")

@@ -21,15 +21,10 @@ def _cmap(name: str):
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
-    """Lay out, write (creating the parent folder) and close a matplotlib figure; returns the path."""
-    import matplotlib.pyplot as plt
+    """Lay out, write atomically (creating the parent folder) and close a matplotlib figure; returns the path."""
+    from dcam_jax import fileio
 
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fileio.save_figure(fig, path, dpi=100)
 
 
 def resize_map(map_hw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:

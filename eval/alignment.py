@@ -25,11 +25,11 @@ terms (see dcam_jax/assets/README.md for what that did on the toy model). ``--ou
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
+from dcam_jax import fileio
 from eval import run as run_lib
 
 
@@ -128,10 +128,7 @@ def main(argv):
                      progress=F.progress)
     print(table(result))
     if F.out_json:
-        path = Path(F.out_json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in result.items()}, indent=1) + "\n")
-        tmp.replace(path)
+        path = fileio.write_text(F.out_json, json.dumps({str(k): v for k, v in result.items()}, indent=1) + "\n")
         print(f"wrote {path}")
 
 

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from absl import app, flags
 
+from dcam_jax import fileio
 from eval import run as run_lib
 
 SIZE_BINS = ((0.0, 3.0, "<=3"), (3.0, 9.0, "3-9"), (9.0, 1e9, ">9"))
@@ -185,11 +186,7 @@ def main(argv):
             text += f"| {split}, {preset} | {n} | {iou:.1f} | {hit:.1f} |\n"
     print(text)
     if FLAGS.out:
-        out = Path(FLAGS.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        fileio.write_text(FLAGS.out, text)
 
 
 if __name__ == "__main__":

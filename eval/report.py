@@ -39,6 +39,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from dcam_jax import fileio
+
 RECORDS_GLOB = "records-*.jsonl"
 METRIC_KEYS = ("obj_iou", "precision", "recall", "contrast", "concentration", "pointing_game", "f3_per_image",
                "f3_of_means")
@@ -374,10 +376,7 @@ def plot_metrics(summary: dict, path: Path) -> Path:
     ax.set_xticks(x, methods, rotation=45, ha="right", fontsize=8)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{Path(s['run_dir']).name}: {s['dataset']}, {s['examples']['evaluated']} images", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=90)
     return path
 
 
@@ -424,10 +423,7 @@ def plot_examples(run_dir: Path, method: str, path: Path, *, max_examples: int =
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{method}: object word maps", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=90)
     return path
 
 
@@ -451,10 +447,7 @@ def plot_faithfulness(summary: dict, path: Path) -> Optional[Path]:
         ax.set_ylabel("mean log p(word)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=90)
     return path
 
 
@@ -463,12 +456,8 @@ def write_outputs(out_dir: str | Path, summary: dict, *, plots: bool = True) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    p = out / "summary.json"
-    p.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    written.append(p)
-    p = out / "summary.md"
-    p.write_text(markdown(summary))
-    written.append(p)
+    written.append(fileio.write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"))
+    written.append(fileio.write_text(out / "summary.md", markdown(summary)))
     if plots:
         written.append(plot_metrics(summary, out / "plots" / "metrics.png"))
         q = plot_faithfulness(summary, out / "plots" / "faithfulness.png")

@@ -60,6 +60,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from dcam_jax import fileio
+
 PSEUDO_METHODS = ("uniform", "random")
 DATASETS = ("shapes", "coco", "grandf", "pil_shapes")
 METRIC_MODES = ("matched", "max")
@@ -775,7 +777,7 @@ class GenerationCache:
         self.key = key
         info = self.directory / f"{key}.json"
         if not info.exists():
-            _atomic_write_text(info, json.dumps(desc, indent=2, sort_keys=True) + "\n")
+            fileio.write_text(info, json.dumps(desc, indent=2, sort_keys=True) + "\n")
         self.path = self.directory / f"{key}.p{process_index:05d}.jsonl"
         self.entries: dict[str, CachedGeneration] = {}
         for p in sorted(self.directory.glob(f"{key}.p*.jsonl")):
@@ -806,12 +808,6 @@ def _append_block(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def records_path(out_dir: Path, process_index: int, process_count: int) -> Path:
@@ -1190,7 +1186,7 @@ def run(cfg: RunConfig, *, model=None, source=None, generation_caches: Optional[
                          "checkpoint_id": checkpoint_id(cfg)}
         info["dataset_skipped"] = [{"example_id": e, "reason": r} for e, r in source.skipped]
         info["process_count"] = pcount
-        _atomic_write_text(out / RUN_CONFIG, json.dumps(info, indent=2) + "\n")
+        fileio.write_text(out / RUN_CONFIG, json.dumps(info, indent=2) + "\n")
     if source.skipped:
         logging.warning("%s: %d images left out up front (see run_config.json dataset_skipped), e.g. %s",
                         cfg.dataset, len(source.skipped), source.skipped[0])

@@ -66,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -75,6 +74,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
+
+from dcam_jax import fileio
 
 PSEUDO_METHODS = ("uniform", "random")
 NORM_MODES = ("keep", "reset")
@@ -626,18 +627,7 @@ def plot(result: dict, path: Path) -> Optional[Path]:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"Cascading randomisation: {result['model']['name']}, {result['randomization_images']} images",
                  fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    return fileio.save_figure(fig, path, dpi=90)
 
 
 def _nan_to_none(x):
@@ -734,8 +724,8 @@ def run(cfg: SanityConfig, *, model=None) -> dict:
             bar.close()
     result["seconds"] = round(time.time() - t0, 1)
     result = _nan_to_none(result)
-    _atomic_write_text(out / "sanity.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(out / "sanity.md", markdown(result))
+    fileio.write_text(out / "sanity.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    fileio.write_text(out / "sanity.md", markdown(result))
     plot(result, out / "sanity.png")
     return result
 

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
+from dcam_jax import fileio
 from eval import run as run_lib
 
 
@@ -112,8 +113,8 @@ def run_sweep(base: run_lib.RunConfig, grid: Sequence[tuple[str, list[str]]], sw
         results.append({"assignment": assignment, "out_dir": cfg.out_dir, "calls": res["calls"],
                         "summary": report.summarize_run(report.load_run(cfg.out_dir))})
     text = sweep_markdown(results, [k for k, _ in grid])
-    (sweep_dir / "sweep_summary.md").write_text(text)
-    (sweep_dir / "sweep_summary.json").write_text(json.dumps(
+    fileio.write_text(sweep_dir / "sweep_summary.md", text)
+    fileio.write_text(sweep_dir / "sweep_summary.json", json.dumps(
         {"grid": [[k, v] for k, v in grid], "base": base.to_json_dict(), "cells": results}, indent=2,
         allow_nan=False) + "\n")
     return {"cells": results, "summary_md": text}

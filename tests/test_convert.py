@@ -349,6 +349,15 @@ def test_reader_rejects_bad_index_and_headers(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(SafetensorsError, match=r"lists tensor\(s\) \['c'\]"):
         SafetensorsCheckpoint.open(d)
+    # Shards must lie inside the checkpoint directory: no ../ escapes, no absolute paths.
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((d / index["weight_map"]["a"]).read_bytes())
+    for name in ("../elsewhere.safetensors", str(outside)):
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {"a": name, "b": index["weight_map"]["b"]}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(SafetensorsError, match="outside the checkpoint directory"):
+            SafetensorsCheckpoint.open(d)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.safetensors").write_bytes((10 ** 6).to_bytes(8, "little") + b"{}")
