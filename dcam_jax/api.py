@@ -179,8 +179,7 @@ def generate(model: Model, image, prompt: str | None = None, *, key: jax.Array |
 
 
 def _valid_length(tokens: np.ndarray, stop_ids: Sequence[int]) -> int:
-    hits = np.flatnonzero(np.isin(tokens, np.asarray(stop_ids)))
-    return int(hits[0]) if len(hits) else len(tokens)
+    return int(ptext.answer_length(np.asarray(tokens), stop_ids))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import numpy as np
 from dcam_jax.models.config import LMConfig
 from dcam_jax.models.llada import (PrefixCache, _split_params, answer_logits_cached, build_prefix_cache,
                                    embed_tokens, final_logits, lm_hidden)
+from dcam_jax.processing.text import answer_length, trim_answer  # noqa: F401  (re-exported)
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 SCHEDULES = ("uniform", "shift")
@@ -180,27 +181,6 @@ def state_at_step(tokens: jax.Array, commit_step: jax.Array, s, mask_id: int) ->
     return jnp.where(commit_step < s, tokens, mask_id).astype(jnp.int32)
 
 
-def answer_length(tokens, stop_ids: Sequence[int]) -> np.ndarray:
-    """Host-side: index of the first stop token (e.g. EOS, <|eot_id|>) in each answer, or G if none.
-
-    tokens: [..., G] int -> [...] int64 (numpy).
-    """
-    tok = np.asarray(tokens)
-    if tok.ndim < 1:
-        raise ValueError(f"tokens must have a trailing answer axis [..., G], got shape {tok.shape}")
-    stop = np.isin(tok, np.asarray(list(stop_ids), dtype=tok.dtype))
-    return np.where(stop.any(-1), stop.argmax(-1), tok.shape[-1])
-
-
-def trim_answer(tokens, stop_ids: Sequence[int]) -> list:
-    """Host-side: the tokens before the first stop token. tokens: [G] -> list[int]; [B, G] -> list of lists."""
-    tok = np.asarray(tokens)
-    if tok.ndim not in (1, 2):
-        raise ValueError(f"tokens must be [G] or [B, G], got shape {tok.shape}")
-    n = answer_length(tok, stop_ids)
-    if tok.ndim == 1:
-        return tok[: int(n)].tolist()
-    return [row[: int(k)].tolist() for row, k in zip(tok, n)]
 
 
 # --------------------------------------------------------------------------------------------------------

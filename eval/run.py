@@ -456,9 +456,10 @@ class WordInfo:
     noun: bool = False
 
 
-# TAM's function words are POS tags CC, DT, EX, MD, POS, PRP, PRP$, UH, WDT, WP, WP$, WRB; without a tagger we
-# list the closed-class words of those tags.
-FUNCTION_WORDS = frozenset(
+# TAM's function words (scored by Func-IoU) are POS tags CC, DT, EX, MD, POS, PRP, PRP$, UH, WDT, WP, WP$, WRB;
+# without a tagger we list the closed-class words of those tags. (What explain leaves out by default is another
+# list: dcam_jax.cam.explain.STOP_WORDS.)
+TAM_FUNCTION_WORDS = frozenset(
     "and or but nor yet so either neither both a an the this that these those some any each every no another all "
     "there can could may might must shall should will would 's i me you he him she her it we us they them myself "
     "yourself himself herself itself ourselves themselves my your his its our their mine yours hers ours theirs "
@@ -669,7 +670,7 @@ class GroundedSource:
             lw = coco.normalize_word(w)
             if not lw:
                 out.append(WordInfo(k, w, pos, "other", "punctuation", "unscored"))
-            elif lw in FUNCTION_WORDS or w.lower() in FUNCTION_WORDS:
+            elif lw in TAM_FUNCTION_WORDS or w.lower() in TAM_FUNCTION_WORDS:
                 out.append(WordInfo(k, w, pos, "function", "function", "function"))
             elif not ex.is_content_word(w):
                 out.append(WordInfo(k, w, pos, "other", "other", "unscored"))

@@ -377,7 +377,10 @@ _tam_jit = jax.jit(_tam, static_argnums=(1, 6))
 # words and targets
 
 _PUNCT = re.compile(r"^[\W_]+$")
-FUNCTION_WORDS = frozenset(
+# Words not explained under targets="content": closed-class words and the spatial relation words, whose evidence
+# is a relation between objects rather than a region. (Evaluation's TAM function words are another list:
+# eval.run.TAM_FUNCTION_WORDS.)
+STOP_WORDS = frozenset(
     "a an the and or but nor of in on at to for with by from as is are was were be been being it its this that "
     "these those there here which who whom whose what where when while than then so such very some any each "
     "left right above below near next".split())
@@ -403,7 +406,7 @@ def group_words(token_strings: Sequence[str]) -> list[tuple[str, tuple[int, ...]
 def is_content_word(word: str) -> bool:
     """Not punctuation and not a function word (articles, prepositions, relation words, auxiliaries...)."""
     w = word.strip().lower()
-    return bool(w) and not _PUNCT.match(w) and w not in FUNCTION_WORDS
+    return bool(w) and not _PUNCT.match(w) and w not in STOP_WORDS
 
 
 def resolve_targets(targets, token_strings: Sequence[str], n_valid: int) -> list[tuple[str, tuple[int, ...]]]:

@@ -132,14 +132,33 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
+def answer_length(tokens, stop_ids: Sequence[int]) -> np.ndarray:
+    """Host-side: index of the first stop token (e.g. EOS, <|eot_id|>) in each answer, or G if none.
+
+    tokens: [..., G] int -> [...] int64 (numpy).
+    """
+    tok = np.asarray(tokens)
+    if tok.ndim < 1:
+        raise ValueError(f"tokens must have a trailing answer axis [..., G], got shape {tok.shape}")
+    stop = np.isin(tok, np.asarray(list(stop_ids), dtype=tok.dtype))
+    return np.where(stop.any(-1), stop.argmax(-1), tok.shape[-1])
+
+
+def trim_answer(tokens, stop_ids: Sequence[int]) -> list:
+    """Host-side: the tokens before the first stop token. tokens: [G] -> list[int]; [B, G] -> list of lists."""
+    tok = np.asarray(tokens)
+    if tok.ndim not in (1, 2):
+        raise ValueError(f"tokens must be [G] or [B, G], got shape {tok.shape}")
+    n = answer_length(tok, stop_ids)
+    if tok.ndim == 1:
+        return tok[: int(n)].tolist()
+    return [row[: int(k)].tolist() for row, k in zip(tok, n)]
+
+
 def decode_answer(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> tuple[str, int]:
     """Decode an answer up to (not including) the first stop id. Returns (text, number of tokens kept)."""
     ids = [int(i) for i in ids]
-    n = len(ids)
-    for k, t in enumerate(ids):
-        if t in set(stop_ids):
-            n = k
-            break
+    n = int(answer_length(np.asarray(ids, np.int64), stop_ids)) if ids else 0
     return tokenizer.decode(ids[:n], skip_special_tokens=True).strip(), n
 
 
