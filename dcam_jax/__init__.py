@@ -14,13 +14,14 @@ Lower level: ``dj.models`` (pure forward functions), ``dj.cam`` (attribution, re
 """
 
 from dcam_jax import models
-from dcam_jax.api import (Generation, Model, SamplingConfig, explain, generate, load_pretrained, prepare)
-from dcam_jax.cam.explain import CamConfig, Explanation, paper, reference_compat
+from dcam_jax.api import (Generation, Model, SamplingConfig, explain, explain_trajectory, generate, load_pretrained,
+                          prepare)
+from dcam_jax.cam.explain import CamConfig, Explanation, TrajectoryExplanation, paper, reference_compat
 from dcam_jax.checkpoint import load_checkpoint, save_checkpoint
 from dcam_jax.models.config import LMConfig, MLLMConfig, VisionConfig
 
 __version__ = "0.1.0"
 
 __all__ = ["CamConfig", "Explanation", "Generation", "LMConfig", "MLLMConfig", "Model", "SamplingConfig",
-           "VisionConfig", "explain", "generate", "load_checkpoint", "load_pretrained", "models", "paper", "prepare",
+           "TrajectoryExplanation", "VisionConfig", "explain", "explain_trajectory", "generate", "load_checkpoint", "load_pretrained", "models", "paper", "prepare",
            "reference_compat", "save_checkpoint"]

@@ -228,6 +228,51 @@ def explain(model: Model, image, prompt: str | None = None, *, answer: str | Seq
                             num_steps=num_steps, key=nkey, text=text)
 
 
+def explain_trajectory(model: Model, image, prompt: str | None = None, *, targets: Any = "content",
+                       config: ex.CamConfig | None = None, num_states: int = 8, key: jax.Array | None = None,
+                       sampling: SamplingConfig | None = None,
+                       generation: Generation | None = None) -> ex.TrajectoryExplanation:
+    """Each target's map at ``num_states`` states along the denoising trajectory, from the all-masked start to the
+    state that decided the token (the ``trajectory`` probe, kept per state instead of averaged).
+
+    config: the gradient method (default Diffusion-CAM; its probe is replaced by ``trajectory``; TAM has no
+      gradient and is refused). generation: reuse a :class:`Generation` (else the answer is generated with
+      ``key`` and ``sampling``, as :func:`explain` does). For a word of several sub-tokens the maps of its
+      sub-tokens are averaged state by state, and the steps and state texts are those of its first sub-token.
+    Returns a :class:`~dcam_jax.cam.explain.TrajectoryExplanation` (maps [T, K, H, W], steps [T, K]).
+    """
+    cam = ex.resolve(config or ex.CamConfig(), model.config)
+    if cam.method == "tam":
+        raise ValueError("method 'tam' is gradient-free and has no probe states; use a gradient method")
+    if not isinstance(num_states, (int, np.integer)) or num_states < 1:
+        raise ValueError(f"num_states={num_states!r} must be an int >= 1")
+    cam = dataclasses.replace(cam, probe="trajectory", num_trajectory_states=int(num_states))
+    key = jax.random.key(0) if key is None else key
+    gkey, _ = jax.random.split(key)
+    pre = prepare(model, image, prompt)
+    g = generation if generation is not None else generate(model, image, prompt, key=gkey, sampling=sampling,
+                                                           prepared=pre)
+    labels = ex.resolve_targets(targets, g.token_strings, g.num_valid)
+    flat = sorted({p for _, ps in labels for p in ps})
+    index = {p: i for i, p in enumerate(flat)}
+    valid = np.arange(len(g.tokens)) < g.num_valid
+    maps, _ = ex.raw_token_maps(model.params, model.config, cam, pre.prompt_embeds, pre.layout, g.tokens, flat,
+                                commit_step=g.commit_step, answer_valid=valid, per_state=True)
+    maps = np.asarray(maps)  # [len(flat), K, H, W]
+    words = np.stack([maps[[index[p] for p in ps]].mean(0) for _, ps in labels])  # [T, K, H, W]
+    T, K, H, W = words.shape
+    norm = np.asarray(ex.attr.normalize_maps(jnp.asarray(words.reshape(T * K, H, W)))).reshape(T, K, H, W)
+    first = [ps[0] for _, ps in labels]
+    steps = ex.attr.trajectory_steps(g.commit_step, first, K)  # [T, K]
+    commit = np.asarray(g.commit_step)
+    texts = [["".join(s if commit[i] < st else " [MASK]" for i, s in enumerate(g.token_strings[:g.num_valid])).strip()
+              for st in row] for row in steps]
+    return ex.TrajectoryExplanation(
+        maps=norm.astype(np.float32), steps=steps, commit_steps=commit[first], state_texts=texts,
+        tokens=[l for l, _ in labels], positions=[ps for _, ps in labels], text=g.text, num_steps=int(g.num_steps),
+        layout=pre.layout, view=cam.view or pre.layout.default_view, image_size=pre.image_size, config=cam)
+
+
 def explain_prepared(model: Model, pre: Prepared, tokens: np.ndarray, strings: Sequence[str], n_valid: int,
                      targets, cam: ex.CamConfig, *, commit_step=None, num_steps=None, key=None,
                      text: str = "") -> ex.Explanation:

@@ -21,11 +21,11 @@ from PIL import Image
 
 _HELP = {
     "demo": "Run the embedded toy dMLLM on a bundled ShapesWorld image: generate a caption, explain every content "
-            "word with Diffusion-CAM, and write per-word overlay PNGs, summary.png and explanation.json into "
-            "--out_dir.",
+            "word with Diffusion-CAM, and write per-word overlay PNGs, summary.png, explanation.json and "
+            "explanation.html (an interactive viewer, open it in any browser) into --out_dir.",
     "explain": "Explain the answer of a model for an image: generate the answer (or take --answer), compute one "
-               "heat map per target token or word, and write overlays, summary.png and explanation.json into "
-               "--out_dir.",
+               "heat map per target token or word, and write overlays, summary.png and explanation.json (and, with "
+               "--html, the viewer explanation.html) into --out_dir.",
     "info": "Describe a checkpoint: its config, parameter count, dtype, and the image-token layout it would give "
             "a sample image size.",
 }
@@ -62,7 +62,10 @@ def _define_flags(command: str):
         _d(flags.DEFINE_string, F, "method", "diffusion_cam", "diffusion_cam (the default: conservative gradients, "
                             "per-token gradient x activation) | paper (the paper's formulas as written) | "
                             "reference_compat (the authors' released code) | gradcam | llava_cam | tam | layercam | "
-                            "gradcam_pp | hirescam.")
+                            "gradcam_pp | hirescam. Several, comma-separated (diffusion_cam,paper,hirescam), are "
+                            "shown side by side in the HTML viewer; the first one writes the PNGs and maps.npy.")
+        _d(flags.DEFINE_integer, F, "trajectory_states", 8, "HTML viewer: states along the denoising trajectory "
+                            "shown by its step slider (0: no slider).")
         _d(flags.DEFINE_integer, F, "layer", None, "Hooked LM block (default: the model's cam_layer, else "
                             "n_layers // 3; TAM: the last).")
         _d(flags.DEFINE_string, F, "probe", None, "decision | trajectory | noise | clean | final (default: the "
@@ -78,6 +81,9 @@ def _define_flags(command: str):
         _d(flags.DEFINE_integer, F, "steps", None, "Denoising steps (default: gen_length).")
         _d(flags.DEFINE_float, F, "temperature", 0.0, "Sampling temperature (0 = greedy).")
     if command == "explain":
+        _d(flags.DEFINE_bool, F, "html", False, "Also write explanation.html, a self-contained interactive viewer "
+                          "(click a token to see its map; a step slider shows how it formed). `dcam demo` always "
+                          "writes it.")
         _d(flags.DEFINE_string, F, "image", None, "Path of the image to explain (PNG, JPEG, ...).")
         _d(flags.DEFINE_string, F, "prompt", None, "The question. Default: the model's default prompt.")
         _d(flags.DEFINE_string, F, "answer", None, "Explain this answer instead of generating one (then use --probe=clean "
@@ -141,14 +147,23 @@ def _targets(values):
     return [v.strip() for v in values]
 
 
-def _cam_config(F):
+def _methods(F) -> list[str]:
+    methods = [m.strip() for m in F.method.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--method is empty; name at least one method (e.g. diffusion_cam)")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--method={F.method} names a method twice")
+    return methods
+
+
+def _cam_config(F, method: str | None = None):
     import dcam_jax as dj
 
     from dcam_jax.cam import refine as rf
 
     if F.refine is not None:
         rf.refine_preset(F.refine)  # an unknown preset fails here, before the model loads
-    return dj.CamConfig(method=F.method, layer=F.layer, probe=F.probe, grad_rule=F.grad_rule,
+    return dj.CamConfig(method=method or _methods(F)[0], layer=F.layer, probe=F.probe, grad_rule=F.grad_rule,
                         aggregation=F.aggregation, refine=F.refine)
 
 
@@ -168,18 +183,22 @@ def _sampling(F, model):
     return dataclasses.replace(s, **over)
 
 
-def _write_outputs(out_dir: Path, image: np.ndarray, e, *, title: str, extra: dict) -> list[Path]:
-    """Write overlays, summary.png, explanation.json and maps.npy into a temporary folder beside ``out_dir``, then
-    swap it in whole: a run that fails or is killed leaves ``out_dir`` as it was (and a temporary folder that the
-    next run removes)."""
+def _write_outputs(out_dir: Path, image: np.ndarray, e, *, title: str, extra: dict, html: dict | None = None
+                   ) -> list[Path]:
+    """Write overlays, summary.png, explanation.json, maps.npy and (with ``html``: the keyword arguments of
+    viewer.write_html) explanation.html into a temporary folder beside ``out_dir``, then swap it in whole: a run
+    that fails or is killed leaves ``out_dir`` as it was (and a temporary folder that the next run removes)."""
     import shutil
 
-    from dcam_jax import viz
+    from dcam_jax import viewer, viz
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for d in clean_stale_temp(out_dir.parent):
         print(f"removed {d}, left by a run that was killed", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}_", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the results get the user's usual permissions
     try:
         shown = viz.display_image(image)
         size = shown.shape[:2]
@@ -194,6 +213,9 @@ def _write_outputs(out_dir: Path, image: np.ndarray, e, *, title: str, extra: di
         written.append(tmp / "explanation.json")
         np.save(tmp / "maps.npy", e.maps)
         written.append(tmp / "maps.npy")
+        if html is not None:
+            written.append(viewer.write_html(tmp / "explanation.html", image, title=title, run=extra.get("run"),
+                                             **html))
         old = None
         if out_dir.exists():
             old = out_dir.parent / f"{_TMP_PREFIX}{os.getpid()}_old_{out_dir.name}"
@@ -225,26 +247,44 @@ def _run_record(F, model, image_source, prompt, sampling, argv) -> dict:
             "seed": F.seed, "sampling": dataclasses.asdict(sampling), "dtype": F.dtype}
 
 
-def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=None):
+def _run_explain(F, image_source, prompt, targets, answer=None, title="", extra=None, html=False):
     import jax
 
     import dcam_jax as dj
     from dcam_jax.processing.image import load_image
 
     out_dir = _check_out_dir(F.out_dir, F.overwrite)
-    cam = _cam_config(F)  # bad method / rule / probe names fail before anything loads
+    methods = _methods(F)
+    cams = [_cam_config(F, m) for m in methods]  # bad method / rule / probe names fail before anything loads
+    if F.trajectory_states < 0:
+        raise UsageError(f"--trajectory_states={F.trajectory_states} must be >= 0")
     t0 = time.perf_counter()
     print(f"loading {F.checkpoint} ...", flush=True)
     model = dj.load_pretrained(F.checkpoint, dtype=F.dtype)
     pil = load_image(image_source)
     image = np.asarray(pil)
     sampling = _sampling(F, model)
-    print(f"explaining with {cam.method} ({model.config.name}, {model.config.num_params / 1e6:.2f}M params) ...",
-          flush=True)
-    e = dj.explain(model, pil, prompt, answer=answer, targets=targets, config=cam, key=jax.random.key(F.seed),
-                   sampling=sampling)
+    key = jax.random.key(F.seed)
+    generation = None
+    if answer is None:  # generate once (with explain()'s own split of the key) and explain that answer everywhere
+        generation = dj.generate(model, pil, prompt, key=jax.random.split(key)[0], sampling=sampling)
+    explanations = {}
+    for m, cam in zip(methods, cams):
+        print(f"explaining with {m} ({model.config.name}, {model.config.num_params / 1e6:.2f}M params) ...",
+              flush=True)
+        explanations[m] = dj.explain(model, pil, prompt, answer=answer, targets=targets, config=cam, key=key,
+                                     sampling=sampling, generation=generation)
+    e = explanations[methods[0]]
+    parts = None
+    if html or len(methods) > 1:
+        trajectory = None
+        if generation is not None and F.trajectory_states > 0 and explanations and cams[0].method != "tam":
+            print(f"following the {F.trajectory_states} denoising states of every token ...", flush=True)
+            trajectory = dj.explain_trajectory(model, pil, prompt, targets=targets, config=cams[0],
+                                               num_states=F.trajectory_states, generation=generation)
+        parts = {"explanations": explanations, "trajectory": trajectory, "generation": generation}
     record = {"run": _run_record(F, model, image_source, prompt, sampling, _ARGV or [])}
-    files = _write_outputs(out_dir, image, e, title=title, extra={**record, **(extra or {})})
+    files = _write_outputs(out_dir, image, e, title=title, extra={**record, **(extra or {})}, html=parts)
     print(f"answer: {e.text}")
     print(f"explained: {', '.join(t.strip() for t in e.tokens)}")
     print(f"wrote {len(files)} files to {out_dir}/ in {time.perf_counter() - t0:.1f} s:")
@@ -265,7 +305,8 @@ def cmd_demo(F):
     meta = path.with_suffix(".json")
     truth = json.loads(meta.read_text()) if meta.exists() else {}
     title = f"toy dMLLM on ShapesWorld ({path.name}); true caption: {truth.get('caption', '?')}"
-    e, files = _run_explain(F, path, None, "content", title=title, extra={"image": str(path), "truth": truth})
+    e, files = _run_explain(F, path, None, "content", title=title, extra={"image": str(path), "truth": truth},
+                            html=True)
     labels = path.with_name(path.stem + "_labels.png")
     if labels.exists() and truth:
         _report_truth(e, np.asarray(Image.open(labels)), truth, Path(F.out_dir))
@@ -302,7 +343,7 @@ def cmd_explain(F):
     if not F.image:
         raise UsageError("--image is required (the path of the image to explain)")
     return _run_explain(F, F.image, F.prompt, _targets(F.targets), answer=F.answer,
-                        title=f"{F.method} on {Path(F.image).name}")
+                        title=f"{F.method} on {Path(F.image).name}", html=F.html)
 
 
 def cmd_info(F):

@@ -304,16 +304,22 @@ def trajectory_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequ
 
     tokens, commit_step: [G]; targets: answer positions -> [len(targets), K, G] int32 (position p masked in all).
     """
-    if num_states < 1:
-        raise ValueError(f"num_trajectory_states={num_states} must be >= 1")
     tokens = np.asarray(tokens)
     cs = np.asarray(commit_step)
-    c = cs[np.asarray(targets)].astype(np.float64)  # [T]
-    if num_states == 1:
-        steps = c[:, None]
-    else:  # k * c / (K - 1) from integers: exact halves, so the rounding is exactly half to even
-        steps = np.rint(np.arange(num_states)[None, :] * c[:, None] / (num_states - 1))  # [T, K]
+    steps = trajectory_steps(cs, targets, num_states)
     return np.where(cs[None, None, :] < steps[..., None], tokens[None, None, :], mask_id).astype(np.int32)
+
+
+def trajectory_steps(commit_step: np.ndarray, targets: Sequence[int], num_states: int) -> np.ndarray:
+    """The denoising steps of :func:`trajectory_states`: s_k = round(k * c_p / (K - 1)) (half to even), k = 0..K-1,
+    for each target p with commit step c_p; K = 1 gives c_p alone. -> [len(targets), K] int64."""
+    if num_states < 1:
+        raise ValueError(f"num_trajectory_states={num_states} must be >= 1")
+    c = np.asarray(commit_step)[np.asarray(targets)].astype(np.float64)  # [T]
+    if num_states == 1:
+        return c[:, None].astype(np.int64)
+    # k * c / (K - 1) from integers: exact halves, so the rounding is exactly half to even
+    return np.rint(np.arange(num_states)[None, :] * c[:, None] / (num_states - 1)).astype(np.int64)
 
 
 def noise_states(tokens: np.ndarray, targets: Sequence[int], ratios: Sequence[float], key: jax.Array,

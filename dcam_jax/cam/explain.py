@@ -181,6 +181,26 @@ def refine_config(cam: CamConfig):
 # the result
 
 
+def maps_to_image(maps: np.ndarray, layout: ImageLayout, view: str, image_size: tuple[int, int],
+                  size: tuple[int, int] | None = None) -> np.ndarray:
+    """View-space maps [..., h, w] in [0, 1] aligned with the input image (the pad layout's padding cut off) and
+    resized bilinearly to ``size`` = (height, width) (default: the image's). -> [..., *size] float32 in [0, 1]."""
+    if size is None:
+        size = (image_size[1], image_size[0])
+    maps = jnp.asarray(maps, jnp.float32)
+    lead = maps.shape[:-2]
+    maps = maps.reshape((-1,) + maps.shape[-2:])
+    box = layout.geometry.pad_box if view == "base" else None
+    if box is not None:
+        # the base view of the "pad" layout is a square with the image centred: cut the image's part out
+        side = max(image_size)
+        full = jax.image.resize(maps, (maps.shape[0], side, side), "bilinear", antialias=False)
+        top, left, h, w = box
+        maps = full[:, top:top + h, left:left + w]
+    out = jax.image.resize(maps, (maps.shape[0], int(size[0]), int(size[1])), "bilinear", antialias=False)
+    return np.clip(np.asarray(out), 0.0, 1.0).reshape(lead + (int(size[0]), int(size[1])))
+
+
 @dataclasses.dataclass(frozen=True)
 class Explanation:
     """Per-token explanation maps of one answer.
@@ -211,18 +231,15 @@ class Explanation:
     def image_maps(self, size: tuple[int, int] | None = None, raw: bool = False) -> np.ndarray:
         """Maps aligned with the input image and resized bilinearly to ``size`` = (height, width) (default: the
         input image's); the pad layout's padding is cut off first. ``raw=True`` gives the raw maps. -> [T, *size]."""
-        if size is None:
-            size = (self.image_size[1], self.image_size[0])
-        maps = jnp.asarray(self.raw_maps if raw else self.maps)
-        box = self.layout.geometry.pad_box if self.view == "base" else None
-        if box is not None:
-            # the base view of the "pad" layout is a square with the image centred: cut the image's part out
-            side = max(self.image_size)
-            full = jax.image.resize(maps, (maps.shape[0], side, side), "bilinear", antialias=False)
-            top, left, h, w = box
-            maps = full[:, top:top + h, left:left + w]
-        out = jax.image.resize(maps, (maps.shape[0], int(size[0]), int(size[1])), "bilinear", antialias=False)
-        return np.clip(np.asarray(out), 0.0, 1.0)
+        return maps_to_image(self.raw_maps if raw else self.maps, self.layout, self.view, self.image_size, size)
+
+    def to_html(self, path, image, **kwargs):
+        """Write the interactive viewer page of this explanation (see :func:`dcam_jax.viewer.write_html`, whose
+        keyword arguments ``trajectory``, ``generation``, ``run`` and ``title`` it passes on). image: [H, W, 3]
+        uint8. Returns the path."""
+        from dcam_jax import viewer
+
+        return viewer.write_html(path, image, {self.config.method: self}, **kwargs)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (no arrays): answer, tokens, positions, per-map statistics, layout, config."""
@@ -238,6 +255,38 @@ class Explanation:
         return {"answer": self.text, "answer_ids": [int(i) for i in self.answer_ids], "view": self.view,
                 "map_shape": list(self.maps.shape[1:]), "image_size": list(self.image_size),
                 "layout": self.layout.to_dict(), "tokens": stats, "config": cfg}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryExplanation:
+    """How each explained token's evidence forms over the denoising steps up to the step that decided it.
+
+    Attributes:
+      maps: [T, K, H, W] float32 in [0, 1], the raw map at each of K states (each min-max normalised).
+      steps: [T, K] int, the denoising step of each state (0: everything masked; the last: the decision state).
+      commit_steps: [T] int, the step that committed each token.
+      state_texts: T lists of K strings, the answer as it stood at each state (``[MASK]`` for masked tokens).
+      tokens, positions: the explained tokens (or words) and their answer positions, as in :class:`Explanation`.
+      text: the final answer; num_steps: denoising steps of the generation.
+      layout, view, image_size, config: as in :class:`Explanation`.
+    """
+
+    maps: np.ndarray
+    steps: np.ndarray
+    commit_steps: np.ndarray
+    state_texts: list[list[str]]
+    tokens: list[str]
+    positions: list[tuple[int, ...]]
+    text: str
+    num_steps: int
+    layout: ImageLayout
+    view: str
+    image_size: tuple[int, int]
+    config: CamConfig
+
+    def image_maps(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The state maps aligned with the input image, resized to ``size`` = (height, width). -> [T, K, *size]."""
+        return maps_to_image(self.maps, self.layout, self.view, self.image_size, size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,11 +312,12 @@ def _contrast_for(cam: CamConfig, targets: np.ndarray, answer: np.ndarray):
 
 def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: jax.Array, layout: ImageLayout,
                    answer: np.ndarray, targets: Sequence[int], *, commit_step: np.ndarray | None = None,
-                   answer_valid: np.ndarray | None = None, key: jax.Array | None = None):
+                   answer_valid: np.ndarray | None = None, key: jax.Array | None = None, per_state: bool = False):
     """Raw (unnormalised) maps of answer positions ``targets`` for a resolved gradient method.
 
     prompt_embeds: [P, D]; answer: [G] final answer ids; commit_step: [G] (probes "decision" and "final").
-    Returns (maps [T, H, W] float32 averaged over probe states, scores [T]).
+    Returns (maps [T, H, W] float32 averaged over probe states, scores [T]); with ``per_state=True`` the maps of
+    every probe state instead, (maps [T, K, H, W], scores [T, K]) with K = 1 for the single-state probes.
     """
     cam = resolve(cam, config)
     answer = np.asarray(answer, np.int32)
@@ -316,7 +366,7 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
         else:
             state = answer
         maps, scores = run(state[None], targets[None], answer[targets][None], cpos[None], ctok[None])
-        return maps[0], scores[0]
+        return (maps[0][:, None], scores[0][:, None]) if per_state else (maps[0], scores[0])
     if cam.probe in ("decision", "trajectory") and commit_step is None:
         raise ValueError(f"probe={cam.probe!r} needs the generation trajectory (commit_step): let explain() "
                          "generate the answer (or pass generation=...), or use probe='noise' or 'clean' for a "
@@ -324,14 +374,15 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
     if cam.probe == "decision":
         states = attr.decision_states(answer, commit_step, targets, mask_id)
         maps, scores = run(states, targets[:, None], answer[targets][:, None], cpos[:, None], ctok[:, None])
-        return maps[:, 0], scores[:, 0]
+        return (maps, scores) if per_state else (maps[:, 0], scores[:, 0])
     if cam.probe == "trajectory":
         K = cam.num_trajectory_states
         states = attr.trajectory_states(answer, commit_step, targets, K, mask_id)  # [T, K, G]
         rep = lambda a: np.repeat(a, K)[:, None]
         maps, scores = run(states.reshape(T * K, G), rep(targets), rep(answer[targets]), rep(cpos), rep(ctok))
         H, W = img.shape
-        return maps.reshape(T, K, H, W).mean(1), scores.reshape(T, K).mean(1)
+        maps, scores = maps.reshape(T, K, H, W), scores.reshape(T, K)
+        return (maps, scores) if per_state else (maps.mean(1), scores.mean(1))
     # noise: K states per target, averaged
     ratios = cam.noise_ratios or attr.default_noise_ratios(cam.num_noise_samples)
     if key is None:
@@ -341,7 +392,8 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
     rep = lambda a: np.repeat(a, K)[:, None]
     maps, scores = run(states.reshape(T * K, G), rep(targets), rep(answer[targets]), rep(cpos), rep(ctok))
     H, W = img.shape
-    return maps.reshape(T, K, H, W).mean(1), scores.reshape(T, K).mean(1)
+    maps, scores = maps.reshape(T, K, H, W), scores.reshape(T, K)
+    return (maps, scores) if per_state else (maps.mean(1), scores.mean(1))
 
 
 def tam_raw_maps(params, config: MLLMConfig, prompt_embeds: jax.Array, layout: ImageLayout, answer: np.ndarray,
