@@ -19,9 +19,8 @@ import numpy as np
 
 from dcam_jax import checkpoint as ckpt
 from dcam_jax import sampling as gen
-from dcam_jax.cam import baselines
 from dcam_jax.cam import explain as ex
-from dcam_jax.cam import refine as rf
+from dcam_jax.cam import methods
 from dcam_jax.models import mllm
 from dcam_jax.models.config import MLLMConfig
 from dcam_jax.processing import image as pimg
@@ -242,8 +241,8 @@ def explain_trajectory(model: Model, image, prompt: str | None = None, *, target
     Returns a :class:`~dcam_jax.cam.explain.TrajectoryExplanation` (maps [T, K, H, W], steps [T, K]).
     """
     cam = ex.resolve(config or ex.CamConfig(), model.config)
-    if cam.method == "tam":
-        raise ValueError("method 'tam' is gradient-free and has no probe states; use a gradient method")
+    if not methods.get(cam.method).has_states:
+        raise ValueError(f"method {cam.method!r} is gradient-free and has no probe states; use a gradient method")
     if not isinstance(num_states, (int, np.integer)) or num_states < 1:
         raise ValueError(f"num_states={num_states!r} must be an int >= 1")
     cam = dataclasses.replace(cam, probe="trajectory", num_trajectory_states=int(num_states))
@@ -283,31 +282,21 @@ def explain_prepared(model: Model, pre: Prepared, tokens: np.ndarray, strings: S
     index = {p: i for i, p in enumerate(flat)}
     valid = np.arange(len(tokens)) < n_valid
     view = cam.view or pre.layout.default_view
-    if cam.method == "tam":
-        maps, text_scores = ex.tam_raw_maps(model.params, model.config, pre.prompt_embeds, pre.layout, tokens, flat,
-                                            view, cam.attention)
-        maps = np.asarray(maps)
-        scores = np.asarray(maps.reshape(len(flat), -1).max(-1))
-    else:
-        maps, scores = ex.raw_token_maps(model.params, model.config, cam, pre.prompt_embeds, pre.layout, tokens,
-                                         flat, commit_step=commit_step, answer_valid=valid, key=key)
-        maps, scores = np.asarray(maps), np.asarray(scores)
+    method = methods.get(cam.method)
+    maps, scores, aux = method.raw_maps(methods.MapsRequest(
+        params=model.params, config=model.config, cam=cam, prompt_embeds=pre.prompt_embeds, layout=pre.layout,
+        answer=np.asarray(tokens), targets=flat, commit_step=commit_step, answer_valid=valid, key=key, view=view))
+    maps, scores = np.asarray(maps), np.asarray(scores)
     # a word made of several sub-tokens: average its sub-tokens' raw maps (like averaging probe states)
     raw = np.stack([maps[[index[p] for p in ps]].mean(0) for _, ps in labels])
     word_scores = np.asarray([scores[[index[p] for p in ps]].mean() for _, ps in labels])
     raw_n = np.asarray(ex.attr.normalize_maps(jnp.asarray(raw)))
-    rcfg = ex.refine_config(cam)
     if num_steps is None:  # a given answer: AKD's adaptive kernel uses the model's default number of steps
         d = default_sampling(model.config)
         num_steps = d.steps or d.gen_length
-    if cam.method == "tam":
-        ids = np.asarray([tokens[ps[0]] for _, ps in labels])
-        w = np.asarray(text_scores)  # [len(flat), G]: class of target j at answer position i
-        weights = np.stack([w[index[ps[0]], [ps2[0] for _, ps2 in labels]] for _, ps in labels])
-        refined = np.asarray(baselines.tam_postprocess(jnp.asarray(raw), jnp.asarray(ids), jnp.asarray(weights)))
-    else:
-        refined = np.asarray(rf.refine(raw_n, rcfg, token_ids=tokens, valid=valid, num_steps=num_steps,
-                                       image_long_side=max(pre.image_size)))
+    refined = np.asarray(method.finish(methods.FinishRequest(
+        raw=raw, normalized=raw_n, aux=aux, labels=labels, index=index, answer=np.asarray(tokens),
+        answer_valid=valid, num_steps=int(num_steps), image_long_side=max(pre.image_size), cam=cam)))
     if cam.threshold is not None:
         mx = refined.max(axis=(-2, -1), keepdims=True)
         refined = np.where(mx > 0, refined / np.where(mx > 0, mx, 1), 0.0)

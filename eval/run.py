@@ -878,11 +878,13 @@ def scan_records(path: Path, *, repair: bool) -> ScanResult:
 def cam_config_for(method: str, cfg: RunConfig):
     """The CamConfig of a gradient method or TAM under the run's overrides (None for pseudo-methods)."""
     from dcam_jax.cam import explain as ex
+    from dcam_jax.cam import methods
 
     if method in PSEUDO_METHODS:
         return None
     kw: dict[str, Any] = {"method": method, "batch_size": cfg.cam_batch_size}
-    applies = method != "tam" and (not cfg.overrides_apply_to or method in cfg.overrides_apply_to)
+    # the gradient knobs apply to methods whose maps come from probe states (not to TAM)
+    applies = methods.get(method).has_states and (not cfg.overrides_apply_to or method in cfg.overrides_apply_to)
     if applies:
         for name in ("layer", "probe", "refine", "score", "attention", "aggregation", "grad_rule", "hook"):
             if getattr(cfg, name) is not None:

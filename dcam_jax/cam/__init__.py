@@ -5,5 +5,5 @@ The submodules are the API (``dcam_jax.cam.refine.refine(...)``); only classes a
 here hides a submodule.
 """
 
-from dcam_jax.cam.explain import METHODS, CamConfig, Explanation, reference_compat
+from dcam_jax.cam.explain import CamConfig, Explanation, reference_compat
 from dcam_jax.cam.refine import RefineConfig, refine_preset

@@ -1,9 +1,9 @@
-"""Baselines that need more than a gradient CAM preset (the presets themselves live in cam.explain).
+"""Baselines that need more than a gradient CAM preset (the presets themselves live in cam.methods).
 
 - TAM (Li et al., ICCV 2025): gradient-free class-logit maps (:func:`dcam_jax.cam.explain.tam_raw_maps`), then
   estimated causal inference over the answer's earlier tokens and the rank Gaussian filter with k = 3.
 - Grad-CAM (the authors' baseline), LLaVA-CAM, LayerCAM, Grad-CAM++ and HiResCAM are gradient CAMs: see
-  ``cam.explain._PRESETS`` and ``cam.attribution.aggregate``.
+  ``cam.methods`` (the registry) and ``cam.attribution.aggregate``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ from dcam_jax.models import llada
 from dcam_jax.models.config import MLLMConfig
 from dcam_jax.models.mllm import ImageLayout
 
-METHODS = ("diffusion_cam", "paper", "reference_compat", "gradcam", "llava_cam", "tam", "layercam", "gradcam_pp",
-           "hirescam")
 PROBES = ("decision", "trajectory", "noise", "clean", "final")
 
 
@@ -75,8 +73,9 @@ class CamConfig:
     batch_size: int = 8
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}; expected one of {METHODS}")
+        from dcam_jax.cam import methods
+
+        methods.get(self.method)  # an unknown name raises, listing the registered ones
         if self.probe is not None and self.probe not in PROBES:
             raise ValueError(f"probe={self.probe!r}; expected one of {PROBES}")
         if self.grad_rule is not None and self.grad_rule not in attr.GRAD_RULES:
@@ -99,35 +98,19 @@ class CamConfig:
             object.__setattr__(self, "noise_ratios", r)
 
 
-# method presets: every field a method fixes; user-set fields win
-_GRAD_BASE = dict(score="logprob", contrast="none", grad_relu=False, hook="residual", refine="none",
-                  grad_rule="standard")
-_PRESETS = {
-    # SPEC 4.3: the default, chosen on ShapesWorld validation by the protocol of SPEC 4.6
-    "diffusion_cam": dict(_GRAD_BASE, probe="decision", grad_rule="conservative", aggregation="gxa",
-                          refine="default"),
-    # the paper's formulas as written: plain gradients, channel-weighted Grad-CAM, the whole module chain
-    "paper": dict(_GRAD_BASE, probe="decision", aggregation="gradcam", refine="full"),
-    # the authors' released code (SPEC 4.5)
-    "reference_compat": dict(_GRAD_BASE, probe="clean", score="vocab_sum", contrast="previous",
-                             aggregation="channel_relu_mean", grad_relu=True, refine="reference_compat"),
-    "gradcam": dict(_GRAD_BASE, probe="final", attention="prefix_lm", score="max_logit",
-                    aggregation="channel_relu_mean"),
-    "llava_cam": dict(_GRAD_BASE, probe="clean", score="sum_logits", aggregation="gradcam", grad_relu=True,
-                      hook="post_attn_norm", threshold=0.5),
-    # TAM is gradient-free: score, aggregation and hook do not apply (filled only so the config is complete)
-    "tam": dict(_GRAD_BASE, probe="clean", score="logit", aggregation="gradcam"),
-    "layercam": dict(_GRAD_BASE, probe="decision", aggregation="layercam"),
-    "gradcam_pp": dict(_GRAD_BASE, probe="decision", aggregation="gradcam_pp"),
-    "hirescam": dict(_GRAD_BASE, probe="decision", aggregation="gxa"),
-}
+def __getattr__(name):
+    if name == "METHODS":  # the registered method names (dcam_jax.cam.methods owns them)
+        from dcam_jax.cam import methods
+
+        return methods.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def preset_fields(method: str) -> dict:
     """The fields a method's preset fixes (a copy), e.g. ``preset_fields("diffusion_cam")["grad_rule"]``."""
-    if method not in _PRESETS:
-        raise ValueError(f"method={method!r}; expected one of {METHODS}")
-    return dict(_PRESETS[method])
+    from dcam_jax.cam import methods
+
+    return dict(methods.get(method).preset)
 
 
 def reference_compat() -> CamConfig:
@@ -145,16 +128,19 @@ def paper() -> CamConfig:
 
 
 def default_layer(method: str, config: MLLMConfig) -> int:
-    """The hooked block of ``method`` when none is given: the last block for TAM; for gradient methods the model's
-    ``cam_layer`` (chosen on ground truth for that model) or else n_layers // 3."""
-    if method == "tam":
+    """The hooked block of ``method`` when none is given: the last block for methods registered with
+    ``layer="last"`` (TAM); otherwise the model's ``cam_layer`` (chosen on ground truth for that model) or else
+    n_layers // 3."""
+    from dcam_jax.cam import methods
+
+    if methods.get(method).layer == "last":
         return config.lm.n_layers - 1
     return config.cam_layer if config.cam_layer is not None else config.lm.n_layers // 3
 
 
 def resolve(cam: CamConfig, config: MLLMConfig) -> CamConfig:
     """Fill every None field of ``cam`` from its method's preset and the model config."""
-    preset = dict(_PRESETS[cam.method])
+    preset = preset_fields(cam.method)
     changes = {k: v for k, v in preset.items() if getattr(cam, k) is None}
     if cam.layer is None:
         changes["layer"] = default_layer(cam.method, config)
@@ -173,7 +159,7 @@ def refine_config(cam: CamConfig):
 
     r = cam.refine
     if r is None:
-        r = _PRESETS[cam.method]["refine"]
+        r = preset_fields(cam.method).get("refine", "none")
     return rf.refine_preset(r) if isinstance(r, str) else r
 
 
