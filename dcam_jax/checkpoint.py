@@ -477,8 +477,8 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a dcam_jax checkpoint: it has no {MARKER_FILE}. Convert a Hugging Face checkpoint "
             "with `python -m checkpoints_convert --hf_dir=SRC --out_dir=DST` or save one with save_checkpoint().")
     try:
-        data = json.loads(marker.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{marker} is corrupt (not valid JSON: {e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{marker} does not describe a {FORMAT_NAME} (format field: "
@@ -498,7 +498,9 @@ def read_config(path: str | os.PathLike) -> LMConfig | MLLMConfig:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has a {MARKER_FILE} but no {CONFIG_FILE}; the checkpoint is incomplete")
     try:
-        config = config_lib.from_json(cfg_file.read_text())
+        config = config_lib.from_json(cfg_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is corrupt: not UTF-8 text ({e})") from None
     except config_lib.ConfigError as e:
         raise CheckpointError(f"{cfg_file} is corrupt: {e}") from None
     if not isinstance(config, (LMConfig, MLLMConfig)):
