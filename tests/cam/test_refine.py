@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dcam_jax.cam import refine as R
+from dcam_jax.ops import sorting
 
 SHAPES = [(7, 9), (14, 18), (22, 28)]
 ATOL = 2e-5
@@ -248,7 +249,7 @@ _repeat_ratio_jit = jax.jit(R.repeat_ratio, static_argnames=("ignore_ids",))
 
 def _apply_network(v, n):
     v = v.copy()
-    for stage in R._batcher_stages(n):
+    for stage in sorting.batcher_stages(n):
         for a, b in stage:
             lo, hi = np.minimum(v[:, a], v[:, b]), np.maximum(v[:, a], v[:, b])
             v[:, a], v[:, b] = lo, hi
@@ -267,7 +268,7 @@ def test_batcher_network_sorts_random_inputs_with_ties(n):
     rng = np.random.default_rng(n)
     v = np.concatenate([rng.integers(0, 4, (300, n)), rng.integers(0, 1000, (300, n))])
     np.testing.assert_array_equal(_apply_network(v, n), np.sort(v, axis=1))
-    assert len(R._batcher_stages(n)) <= 28
+    assert len(sorting.batcher_stages(n)) <= 28
 
 
 def test_order_statistics_equal_sort():
