@@ -178,11 +178,16 @@ def maps_to_image(maps: np.ndarray, layout: ImageLayout, view: str, image_size: 
     maps = maps.reshape((-1,) + maps.shape[-2:])
     box = layout.geometry.pad_box if view == "base" else None
     if box is not None:
-        # the base view of the "pad" layout is a square with the image centred: cut the image's part out
+        # the base view of the "pad" layout is a square with the image centred: cut the image's part out, at the
+        # scale of the requested size (not of the image, whose full size may be thousands of pixels)
         side = max(image_size)
-        full = jax.image.resize(maps, (maps.shape[0], side, side), "bilinear", antialias=False)
         top, left, h, w = box
-        maps = full[:, top:top + h, left:left + w]
+        f = min(1.0, max(int(size[0]) / h, int(size[1]) / w))
+        side_f = max(1, round(side * f))
+        t, l_, hh, ww = (round(v * f) for v in (top, left, h, w))
+        hh, ww = max(1, min(hh, side_f - t)), max(1, min(ww, side_f - l_))
+        full = jax.image.resize(maps, (maps.shape[0], side_f, side_f), "bilinear", antialias=False)
+        maps = full[:, t:t + hh, l_:l_ + ww]
     out = jax.image.resize(maps, (maps.shape[0], int(size[0]), int(size[1])), "bilinear", antialias=False)
     return np.clip(np.asarray(out), 0.0, 1.0).reshape(lead + (int(size[0]), int(size[1])))
 
