@@ -19,7 +19,7 @@ the SPEC's hook) is compared with A_i. Printed per layer (medians over words):
 
 Near 0 means the upper network reads the stream (almost) only through RMSNorm, which is blind to a token's scale:
 G_i . A_i ~ 0, so the channel-weighted map sum_c mean(G)_c A_c loses each token's own term and is made of cross
-terms (see dcam_jax/assets/README.md for what that did on the toy model). ``--out_json`` keeps every number.
+terms (``docs/explanation_quality.md`` has the toy model's numbers). ``--out_json`` keeps every number.
 """
 
 from __future__ import annotations

@@ -139,6 +139,7 @@ def test_bad_inputs_leave_nothing_behind(tiny_ckpt, image_path, tmp_path, capsys
     assert "--image is required" in capsys.readouterr().err + capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["dcam", "demo", f"--out_dir={out}"]) == 0, capsys.readouterr().err
@@ -159,6 +160,7 @@ def _tool(args, cwd):
                           timeout=240)
 
 
+@pytest.mark.slow
 def test_python_m_tools_report_bad_input_in_one_line(tmp_path):
     from pathlib import Path
 

@@ -380,8 +380,9 @@ def make_example(seed: int, config: PilShapesConfig = PilShapesConfig()) -> sw.E
 
     Returns a ``shapes.Example``: image [H, W, 3] uint8, masks [N, H, W] bool (exact, disjoint), label_map [H, W]
     uint8 (k + 1 = object k of the caption), caption, words, word_object, word_class, shapes, colours, sizes,
-    centres_yx (mask centroids), bboxes, relations; textures are 'plain', clutter_mask is empty, background is the
-    background kind and config is the PilShapesConfig (not a ShapesConfig).
+    centres_yx (mask centroids), bboxes, relations; textures are 'plain', clutter_mask is empty, background is
+    'solid', tone is the background kind (dark, light or white), letterbox is None, antialiased is False, and
+    config is the PilShapesConfig (not a ShapesConfig).
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative int.")
@@ -451,7 +452,10 @@ def make_example(seed: int, config: PilShapesConfig = PilShapesConfig()) -> sw.E
         bboxes=bboxes,
         z_order=np.asarray(order, np.int32).reshape(n),
         relations=rels,
-        background=c.background,
+        background="solid",
+        tone=c.background,
+        letterbox=None,
+        antialiased=False,
         config=c,
     )
 

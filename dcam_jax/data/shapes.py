@@ -49,6 +49,7 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import functools
+import io
 import math
 from collections.abc import Iterator, Sequence
 from typing import Optional
@@ -57,7 +58,7 @@ import numpy as np
 
 # Bump when make_example's output for a given (seed, config) changes; the TFDS builder's version
 # follows it, so data written by an older generator is never silently mixed with new data.
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "2.0.0"
 
 # ----------------------------------------------------------------------------------------------
 # Closed vocabulary
@@ -92,6 +93,63 @@ FUNCTION_WORDS: tuple[str, ...] = ("a", "and")
 RELATION_WORDS: tuple[str, ...] = ("above", "below", "left", "right", "of")
 TEXTURES: tuple[str, ...] = ("stripes", "dots")
 BACKGROUNDS: tuple[str, ...] = ("solid", "gradient")
+# Background tones, each a box in HSV (hue is always free): (s_min, s_span, v_min, v_span).
+TONES: dict[str, tuple[float, float, float, float]] = {
+    "dark": (0.0, 0.3, 0.08, 0.34),     # dark, desaturated: night, slides, dark mode
+    "mid": (0.0, 0.15, 0.42, 0.2),      # mid greys
+    "light": (0.0, 0.25, 0.72, 0.18),   # light greys and pastels: paper, screens
+    "white": (0.0, 0.05, 0.92, 0.08),   # white and near-white: clip-art, drawings
+    "vivid": (0.45, 0.4, 0.45, 0.5),    # saturated colours
+}
+TONE_NAMES: tuple[str, ...] = tuple(TONES)
+# The contrast rule: an object colour may be drawn on a background only if its fill lies at
+# least this far (Euclidean distance in RGB, 0..255 per channel) from every colour of the
+# background before noise, i.e. from the segment between a gradient's two end colours. A colour
+# word therefore always names something visibly different from its surroundings (no white object
+# on a white page).
+MIN_CONTRAST: float = 90.0
+# Grey of the bars that letterboxing paints: the processor's pad colour for image_mean = 0.5.
+LETTERBOX_FILL: int = 127
+
+
+def _segment_distance(point: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> float:
+    """Euclidean distance from ``point`` [3] to the RGB segment from c0 [3] to c1 [3]."""
+    d = c1 - c0
+    length2 = float(d @ d)
+    t = 0.0 if length2 == 0.0 else min(1.0, max(0.0, float((point - c0) @ d) / length2))
+    return float(np.linalg.norm(point - (c0 + t * d)))
+
+
+def allowed_colours(c0: Sequence[float], c1: Sequence[float],
+                    colours: Sequence[str] = None) -> tuple[str, ...]:
+    """The colour names that satisfy the contrast rule on a background ramping from c0 to c1.
+
+    Args:
+      c0, c1: [3] RGB (0..255) end colours of the background (equal for a solid one).
+      colours: candidate names (default: every colour).
+    Returns:
+      the names, in the given order, whose fill lies at least MIN_CONTRAST from every colour of
+      the segment c0 -> c1.
+    """
+    a, b = np.asarray(c0, np.float64), np.asarray(c1, np.float64)
+    names = COLOUR_NAMES if colours is None else tuple(colours)
+    return tuple(n for n in names
+                 if _segment_distance(np.asarray(COLOURS[n][0], np.float64), a, b) >= MIN_CONTRAST)
+
+
+def _tone_colour(tone: str, h: float, s_u: float, v_u: float) -> np.ndarray:
+    """[3] float32 RGB of the tone's box at hue h and unit coordinates (s_u, v_u) in [0, 1]."""
+    s_min, s_span, v_min, v_span = TONES[tone]
+    rgb = colorsys.hsv_to_rgb(h, s_min + s_span * s_u, v_min + v_span * v_u)
+    return 255.0 * np.array(rgb, np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _tone_probes(tone: str) -> tuple[np.ndarray, ...]:
+    """A dense grid of the tone's colours (24 hues x 3 x 3 over saturation and value), on which
+    config validation checks the contrast rule."""
+    return tuple(_tone_colour(tone, h / 24.0, su, vu)
+                 for h in range(24) for su in (0.0, 0.5, 1.0) for vu in (0.0, 0.5, 1.0))
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 WORD_CLASSES: tuple[str, ...] = ("colour", "shape", "size", "relation", "function")
 
@@ -175,8 +233,10 @@ class ShapesConfig:
         that every colour and shape word identifies exactly one object whatever the word order.
       max_rotation_deg: each object is rotated by U(-a, a) degrees (keep below 22.5 so a square
         never becomes a diamond).
-      backgrounds: background kinds to draw from ('solid', 'gradient'); colours are dark and
-        desaturated so they cannot be mistaken for an object colour.
+      backgrounds: background kinds to draw from ('solid', 'gradient').
+      tones: background tones to draw from (TONE_NAMES: 'dark', 'mid', 'light', 'white',
+        'vivid'), uniformly. Object colours obey the contrast rule (MIN_CONTRAST): an image only
+        draws the colours whose fill is far from every background colour.
       noise_amplitude: peak amplitude (0..40 grey levels) of a smooth low-contrast noise texture
         added to the background with probability noise_prob; 0 disables it.
       texture_prob: probability that an object gets a texture (stripes or dots in its darker shade).
@@ -193,6 +253,14 @@ class ShapesConfig:
         of a diagonal (where 'left of' and 'above' are equally apt) are drawn again, up to
         LAYOUT_TRIES times; 0 keeps every layout.
       max_placement_tries: placement attempts per object before it is dropped.
+      antialias_prob: probability that an image's objects get anti-aliased edges (each edge
+        pixel blends fill and background by its 2 x 2 supersampled coverage). Masks stay the
+        exact pixel-centre masks.
+      blur_prob: probability of a Gaussian blur of the finished image (sigma 0.3 to 0.8 px).
+      jpeg_prob: probability that the finished image goes through JPEG (quality 35 to 90).
+      letterbox_prob: probability that the scene covers only a centred band of the image (55%
+        to 90% of one side, objects placed inside it) and the rest is LETTERBOX_FILL grey: what
+        the processor's pad layout makes of a non-square picture.
     """
 
     image_size: int = 64
@@ -206,6 +274,7 @@ class ShapesConfig:
     distinct_shapes: bool = True
     max_rotation_deg: float = 0.0
     backgrounds: tuple[str, ...] = BACKGROUNDS
+    tones: tuple[str, ...] = TONE_NAMES
     noise_amplitude: float = 6.0
     noise_prob: float = 0.5
     texture_prob: float = 0.2
@@ -218,6 +287,10 @@ class ShapesConfig:
     relations: bool = True
     relation_margin_deg: float = 10.0
     max_placement_tries: int = 150
+    antialias_prob: float = 0.5
+    blur_prob: float = 0.2
+    jpeg_prob: float = 0.25
+    letterbox_prob: float = 0.2
 
     def __post_init__(self):
         _validate_config(self)
@@ -241,6 +314,7 @@ def _validate_config(c: ShapesConfig) -> None:
         ("shapes", c.shapes, SHAPES),
         ("colours", c.colours, COLOUR_NAMES),
         ("backgrounds", c.backgrounds, BACKGROUNDS),
+        ("tones", c.tones, TONE_NAMES),
         ("textures", c.textures, TEXTURES),
     ):
         if not isinstance(values, tuple) or not values:
@@ -269,7 +343,8 @@ def _validate_config(c: ShapesConfig) -> None:
         bad("max_rotation_deg", c.max_rotation_deg, "a value in [0, 22.5] degrees")
     if not 0.0 <= c.noise_amplitude <= 40.0:
         bad("noise_amplitude", c.noise_amplitude, "a value in [0, 40] grey levels")
-    for field in ("noise_prob", "texture_prob"):
+    for field in ("noise_prob", "texture_prob", "antialias_prob", "blur_prob", "jpeg_prob",
+                  "letterbox_prob"):
         v = getattr(c, field)
         if not 0.0 <= v <= 1.0:
             bad(field, v, "a probability in [0, 1]")
@@ -291,6 +366,14 @@ def _validate_config(c: ShapesConfig) -> None:
     for field in ("size_words", "distinct_colours", "distinct_shapes", "occlusion", "relations"):
         if not isinstance(getattr(c, field), bool):
             bad(field, getattr(c, field), "a bool")
+    needed = c.max_objects if c.distinct_colours else 1
+    for tone in c.tones:
+        fewest = min(len(allowed_colours(probe, probe, c.colours)) for probe in _tone_probes(tone))
+        if fewest < needed:
+            bad("colours", c.colours, f"colours that satisfy the contrast rule on the {tone!r} "
+                f"background tone: on its worst background only {fewest} of them lie "
+                f"{MIN_CONTRAST:.0f} or more from the background, and an image needs {needed} "
+                "(add colours, drop the tone, lower max_objects or set distinct_colours=False)")
 
 
 def _pair(value, field: str) -> tuple[float, float]:
@@ -299,18 +382,24 @@ def _pair(value, field: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
+# Scenes without rendering variety: hard edges, no blur, no compression, no letterbox.
+_CRISP = dict(antialias_prob=0.0, blur_prob=0.0, jpeg_prob=0.0, letterbox_prob=0.0)
+
 PRESETS: dict[str, ShapesConfig] = {
-    # One large object on a plain background: curricula and vision-tower pretraining.
+    # One large object on a plain background of any tone: curricula and tower pretraining.
     "easy": ShapesConfig(
         min_objects=1, max_objects=1, radius_range=(0.24, 0.34), backgrounds=("solid",),
-        noise_amplitude=0.0, texture_prob=0.0, clutter_range=(0, 0), occlusion=False,
+        noise_amplitude=0.0, texture_prob=0.0, clutter_range=(0, 0), occlusion=False, **_CRISP,
     ),
-    # Several objects, no nuisances: the step between easy and default.
+    # Several objects on any tone, no other nuisances: the step between easy and default.
     "simple": ShapesConfig(
         radius_range=(0.15, 0.2), backgrounds=("solid",), noise_amplitude=0.0,
-        texture_prob=0.0, clutter_range=(0, 0), occlusion=False,
+        texture_prob=0.0, clutter_range=(0, 0), occlusion=False, **_CRISP,
     ),
+    # Every background tone, and the rendering variety other programs produce.
     "default": ShapesConfig(),
+    # The default scenes on dark backgrounds only, with hard edges and no resampling.
+    "dark": ShapesConfig(tones=("dark",), **_CRISP),
     # Every nuisance on: smaller objects, rotation, heavier occlusion, repeats, random order.
     "hard": ShapesConfig(
         radius_range=(0.1, 0.2), size_words=True, distinct_colours=False, distinct_shapes=False,
@@ -321,7 +410,8 @@ PRESETS: dict[str, ShapesConfig] = {
 
 
 def preset(name: str, **overrides) -> ShapesConfig:
-    """A named ShapesConfig ('easy', 'simple', 'default', 'hard') with optional field overrides."""
+    """A named ShapesConfig ('easy', 'simple', 'default', 'dark', 'hard') with optional field
+    overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown ShapesWorld preset {name!r}; expected one of {tuple(PRESETS)}.")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
@@ -354,7 +444,11 @@ class Example:
       bboxes: [N, 4] int32 (y0, x0, y1, x1) of the visible mask, end exclusive.
       z_order: [N] int32 drawing rank (0 = drawn first, hidden by higher ranks).
       relations: tuple of (i, relation, j) for the pairs the caption relates.
-      background: the background kind.
+      background: the background kind ('solid' or 'gradient').
+      tone: the background tone (one of TONE_NAMES).
+      letterbox: (top, left, height, width) of the scene's band when the rest of the image is
+        letterbox grey, else None.
+      antialiased: whether object edges were blended by their coverage (masks stay exact).
       config: the ShapesConfig it was made with.
     """
 
@@ -378,6 +472,9 @@ class Example:
     z_order: np.ndarray
     relations: tuple[tuple[int, str, int], ...]
     background: str
+    tone: str
+    letterbox: Optional[tuple[int, int, int, int]]
+    antialiased: bool
     config: ShapesConfig
 
     @property
@@ -452,6 +549,52 @@ def parse_caption(text: str) -> list[tuple[Optional[str], Optional[str], Optiona
         elif cls is not None:
             current = None
     return [tuple(o) for o in objects]
+
+
+def is_well_formed(text: str, size_words: bool = False) -> bool:
+    """Whether ``text`` is a sentence of the caption grammar (module docstring): object phrases
+    ``a [size] colour shape``, grouped in pairs joined by one relation phrase, groups joined by
+    ``and``. Repeated articles, dangling relations and words outside the vocabulary all fail.
+
+    Args:
+      text: a caption, words separated by spaces (an empty caption is not well formed).
+      size_words: whether object phrases carry a size word.
+    Returns:
+      True iff the words parse as a caption.
+    """
+    words = text.lower().split()
+    pos = 0
+
+    def phrase() -> bool:
+        nonlocal pos
+        need = ("function", "size", "colour", "shape") if size_words else ("function", "colour", "shape")
+        chunk = words[pos:pos + len(need)]
+        if len(chunk) < len(need) or chunk[0] != "a":
+            return False
+        if tuple(WORD_CLASS.get(w) for w in chunk[1:]) != need[1:]:
+            return False
+        pos += len(need)
+        return True
+
+    def relation() -> bool:
+        nonlocal pos
+        for phrase_words in RELATION_PHRASES.values():
+            if tuple(words[pos:pos + len(phrase_words)]) == phrase_words:
+                pos += len(phrase_words)
+                return True
+        return False
+
+    while True:
+        if not phrase():
+            return False
+        if pos < len(words) and words[pos] != "and":
+            if not relation() or not phrase():
+                return False
+        if pos == len(words):
+            return True
+        if words[pos] != "and":
+            return False
+        pos += 1
 
 
 def match_phrases(colours: Sequence[str], shapes_: Sequence[str],
@@ -679,13 +822,36 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return 255.0 * np.array(colorsys.hsv_to_rgb(h, s, v), np.float32)
 
 
-def _background(rng: np.random.Generator, c: ShapesConfig) -> tuple[np.ndarray, str, float]:
-    """[H, W, 3] uint8 background, its kind, and its mean brightness in [0, 1]."""
+BACKGROUND_TRIES = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backdrop:
+    image: np.ndarray  # [H, W, 3] uint8
+    kind: str
+    tone: str
+    level: float  # mean brightness in [0, 1]
+    colours: tuple[str, ...]  # the config's colours allowed on it by the contrast rule
+
+
+def _background(rng: np.random.Generator, c: ShapesConfig) -> _Backdrop:
+    """The background: kind and tone drawn uniformly, two colours from the tone's HSV box
+    (redrawn until enough object colours satisfy the contrast rule), noise."""
     n = c.image_size
     kind = c.backgrounds[int(rng.integers(len(c.backgrounds)))]
-    # Dark, desaturated colours: far from every object fill and texture colour.
-    hsv = rng.random((2, 3)) * np.array([1.0, 0.3, 0.34]) + np.array([0.0, 0.0, 0.08])
-    c0, c1 = _hsv(*hsv[0]), _hsv(*hsv[1])
+    tone = c.tones[int(rng.integers(len(c.tones)))]
+    needed = c.max_objects if c.distinct_colours else 1
+    for _ in range(BACKGROUND_TRIES):
+        hsv = rng.random((2, 3))
+        c0 = _tone_colour(tone, *hsv[0])
+        c1 = _tone_colour(tone, *hsv[1]) if kind == "gradient" else c0
+        allowed = allowed_colours(c0, c1, c.colours)
+        if len(allowed) >= needed:
+            break
+    else:
+        raise RuntimeError(
+            f"no background of tone {tone!r} in {BACKGROUND_TRIES} draws left {needed} of the "
+            f"colours {c.colours} at contrast >= {MIN_CONTRAST}; widen ShapesConfig.colours.")
     angle = rng.uniform(0.0, 2.0 * np.pi)
     noise_draw = rng.random()
     # Compose as [H, W * 3] float32 rows so NumPy never loops over a trailing axis of length 3.
@@ -719,10 +885,9 @@ def _background(rng: np.random.Generator, c: ShapesConfig) -> tuple[np.ndarray, 
         noise += pool[dy:dy + n, 3 * dx:3 * dx + 3 * n]
         noise *= np.float32(c.noise_amplitude / 1.35)
         img += noise
-        # Backgrounds are at most 0.42 * 255 + 40 < 255 bright, so only the floor can be crossed.
-        np.maximum(img, np.float32(0.0), out=img)
+        np.clip(img, np.float32(0.0), np.float32(255.0), out=img)
     img += np.float32(0.5)
-    return img.astype(np.uint8).reshape(n, n, 3), kind, level
+    return _Backdrop(img.astype(np.uint8).reshape(n, n, 3), kind, tone, level, allowed)
 
 
 def _draw_clutter(rng: np.random.Generator, c: ShapesConfig, bg_level: float,
@@ -788,15 +953,18 @@ def _shrink_schedule(tries: int) -> np.ndarray:
     return out
 
 
-def _place_objects(rng: np.random.Generator, c: ShapesConfig, count: int) -> list[_Placed]:
+def _place_objects(rng: np.random.Generator, c: ShapesConfig, count: int,
+                   colours: tuple[str, ...], box: tuple[int, int, int, int]) -> list[_Placed]:
     """Sample attributes and positions of ``count`` objects in drawing order, honouring the
-    occlusion limits (an object that finds no place is dropped)."""
+    occlusion limits (an object that finds no place is dropped). Colours come from ``colours``;
+    objects lie inside ``box`` = (top, left, height, width) in pixels."""
     n = c.image_size
+    top, left, box_h, box_w = box
     # Few, batched draws: each Generator call costs more than the numbers it returns.
     shape_idx = (rng.permutation(len(c.shapes))[:count] if c.distinct_shapes
                  else (rng.random(count) * len(c.shapes)).astype(np.int64))
-    colour_idx = (rng.permutation(len(c.colours))[:count] if c.distinct_colours
-                  else (rng.random(count) * len(c.colours)).astype(np.int64))
+    colour_idx = (rng.permutation(len(colours))[:count] if c.distinct_colours
+                  else (rng.random(count) * len(colours)).astype(np.int64))
     draws = rng.random((count, 6))
     size_big = (draws[:, 0] < 0.5).tolist()
     rotations = ((2.0 * draws[:, 1] - 1.0) * c.max_rotation_deg).tolist()
@@ -823,8 +991,12 @@ def _place_objects(rng: np.random.Generator, c: ShapesConfig, count: int) -> lis
         rotation = rotations[k]
         block = rng.random((tries, 3))
         radii = lo + (hi - lo) * shrink * block[:, 0]
+        # A letterbox band may be narrower than the largest radius allows: shrink to fit it.
+        radii = np.minimum(radii, 0.48 * min(box_h, box_w) / SHAPE_EXTENT[shape])
         reach = SHAPE_EXTENT[shape] * radii
-        centres = reach[:, None] + (n - 2.0 * reach[:, None]) * block[:, 1:]
+        centres = (np.array([top, left], np.float64)[None, :] + reach[:, None]
+                   + (np.array([box_h, box_w], np.float64)[None, :] - 2.0 * reach[:, None])
+                   * block[:, 1:])
         candidates = np.arange(tries)
         if placed:
             # Centres too close make the relation words meaningless; without occlusion, touching
@@ -872,7 +1044,7 @@ def _place_objects(rng: np.random.Generator, c: ShapesConfig, count: int) -> lis
                 _mark_dilated(occupied, y0, x0, inside, c.min_gap)
             big = size_big[k] if c.size_words else radius > 0.5 * (r_lo + r_hi)
             placed.append(_Placed(
-                shape, c.colours[int(colour_idx[k])], "large" if big else "small", texture,
+                shape, colours[int(colour_idx[k])], "large" if big else "small", texture,
                 radius, rotation, cy, cx, y0, x0, inside, tex,
             ))
             break
@@ -942,6 +1114,21 @@ def max_caption_words(config: ShapesConfig) -> int:
     return n * per_object + (n - 1)
 
 
+def _blend_edges(image: np.ndarray, p: "_Placed", fill: np.ndarray) -> None:
+    """Blend the fill of object ``p`` into image [H, W, 3] uint8 by its 2 x 2 supersampled
+    coverage (the object's exact pixels are painted afterwards; this sets its soft rim)."""
+    n = image.shape[0]
+    cover = np.zeros((n, n), np.float32)
+    for dy in (-0.25, 0.25):
+        for dx in (-0.25, 0.25):
+            cover += shape_mask(p.shape, (p.cy - dy, p.cx - dx), p.radius, n, p.rotation)
+    cover *= np.float32(0.25)
+    rim = cover > 0
+    a = cover[rim][:, None]
+    blended = image[rim].astype(np.float32) * (1.0 - a) + fill.astype(np.float32) * a
+    image[rim] = np.rint(blended).astype(np.uint8)
+
+
 _COLOUR_U8 = {name: (np.array(fill, np.uint8), np.array(shade, np.uint8))
               for name, (fill, shade) in COLOURS.items()}
 
@@ -969,12 +1156,19 @@ def make_example(seed: int, config: ShapesConfig = ShapesConfig()) -> Example:
     # background and every object unchanged.
     rng = np.random.default_rng(seed)
     n = config.image_size
-    image, bg_kind, bg_level = _background(rng, config)
+    backdrop = _background(rng, config)
+    image = backdrop.image
+    letterbox_u, aspect_u, across_u = rng.random(3).tolist()
+    box = (0, 0, n, n)
+    if letterbox_u < config.letterbox_prob:
+        band = int(round((0.55 + 0.35 * aspect_u) * n))
+        offset = (n - band) // 2
+        box = (offset, 0, band, n) if across_u < 0.5 else (0, offset, n, band)
     # The object count is drawn once: redrawing it with the layout would favour single objects,
     # which never have an ambiguous relation.
     wanted = int(rng.integers(config.min_objects, config.max_objects + 1))
     for _ in range(LAYOUT_TRIES):
-        placed = _place_objects(rng, config, wanted)
+        placed = _place_objects(rng, config, wanted, backdrop.colours, box)
         count = len(placed)
         if config.caption_order == "left_to_right":
             order = sorted(range(count), key=lambda z: (placed[z].cx, placed[z].cy, z))
@@ -984,7 +1178,13 @@ def make_example(seed: int, config: ShapesConfig = ShapesConfig()) -> Example:
             break
     clutter = np.zeros((n, n), bool)
     if config.clutter_range[1] > 0:
-        _draw_clutter(rng, config, bg_level, image, clutter)
+        _draw_clutter(rng, config, backdrop.level, image, clutter)
+
+    # Rendering variety draws from its own stream, so switching it off (or changing how much of
+    # it there is) leaves the scene itself unchanged.
+    fx = np.random.default_rng([seed, 1])
+    aa_u, blur_u, sigma_u, jpeg_u, quality_u = fx.random(5).tolist()
+    antialias = aa_u < config.antialias_prob
 
     caption_index = np.empty(count, np.int64)  # drawing index -> caption index
     caption_index[np.asarray(order, np.int64)] = np.arange(count)
@@ -992,11 +1192,31 @@ def make_example(seed: int, config: ShapesConfig = ShapesConfig()) -> Example:
     for z, p in enumerate(placed):
         fill, shade = _COLOUR_U8[p.colour]
         h, w = p.inside.shape
+        if antialias:
+            _blend_edges(image, p, fill)
         win = image[p.y0:p.y0 + h, p.x0:p.x0 + w]
         win[p.inside] = fill
         if p.tex is not None:
             win[p.tex] = shade
         label_map[p.y0:p.y0 + h, p.x0:p.x0 + w][p.inside] = caption_index[z] + 1
+    letterbox = None
+    if box != (0, 0, n, n):
+        letterbox = box
+        top, left, bh, bw = box
+        inside_box = np.zeros((n, n), bool)
+        inside_box[top:top + bh, left:left + bw] = True
+        image[~inside_box] = LETTERBOX_FILL
+        clutter &= inside_box
+    if blur_u < config.blur_prob or jpeg_u < config.jpeg_prob:
+        from PIL import Image, ImageFilter  # the rasteriser itself needs only NumPy
+        pil = Image.fromarray(image)
+        if blur_u < config.blur_prob:
+            pil = pil.filter(ImageFilter.GaussianBlur(radius=0.3 + 0.5 * sigma_u))
+        if jpeg_u < config.jpeg_prob:
+            buffer = io.BytesIO()
+            pil.save(buffer, format="JPEG", quality=int(35 + 55 * quality_u))
+            pil = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        image = np.asarray(pil, np.uint8).copy()
     masks = label_map[None] == np.arange(1, count + 1, dtype=np.uint8)[:, None, None]
     bboxes = np.zeros((count, 4), np.int32)
     for z, p in enumerate(placed):
@@ -1034,7 +1254,10 @@ def make_example(seed: int, config: ShapesConfig = ShapesConfig()) -> Example:
         bboxes=bboxes,
         z_order=z_order,
         relations=relations,
-        background=bg_kind,
+        background=backdrop.kind,
+        tone=backdrop.tone,
+        letterbox=letterbox,
+        antialiased=antialias,
         config=config,
     )
 

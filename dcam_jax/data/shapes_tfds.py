@@ -55,7 +55,7 @@ def encode_png(image: np.ndarray) -> bytes:
 class ShapesWorldConfig(tfds.core.BuilderConfig):
     """A TFDS builder config: the ShapesConfig every example is generated with.
 
-    The presets ('easy', 'simple', 'default', 'hard') are registered configs; any other name is a
+    The presets ('easy', 'simple', 'default', 'dark', 'hard') are registered configs; any other name is a
     custom config that TFDS reads back from the files it wrote (their dataset_info.json).
     """
 
@@ -135,6 +135,11 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
                 # 0 = background or clutter, k + 1 = object k (caption order).
                 "label_map": feats.Image(shape=(n, n, 1), encoding_format="png"),
                 "caption": feats.Text(),
+                "background": feats.ClassLabel(names=shapes.BACKGROUNDS),
+                "tone": feats.ClassLabel(names=shapes.TONE_NAMES),
+                # (top, left, height, width) of the scene's band; (0, 0, H, W) without letterbox.
+                "letterbox": feats.Tensor(shape=(4,), dtype=np.int32),
+                "antialiased": feats.Scalar(dtype=np.bool_),
                 "words": feats.Sequence(feats.Text()),
                 # Object index per word, -1 for words that name no object.
                 "word_object": feats.Sequence(feats.Scalar(dtype=np.int32)),
@@ -183,6 +188,10 @@ def example_to_features(example: shapes.Example) -> dict[str, Any]:
         "image": encode_png(example.image),
         "label_map": encode_png(example.label_map),
         "caption": example.caption,
+        "background": example.background,
+        "tone": example.tone,
+        "letterbox": np.array(example.letterbox or (0, 0) + example.image.shape[:2], np.int32),
+        "antialiased": np.bool_(example.antialiased),
         "words": list(example.words),
         "word_object": example.word_object_array(),
         "word_class": list(example.word_class),
@@ -217,7 +226,7 @@ def make_builder(
 
     Args:
       data_dir: TFDS data directory.
-      preset: a preset name ('easy', 'simple', 'default', 'hard'): the registered config used when
+      preset: a preset name ('easy', 'simple', 'default', 'dark', 'hard'): the registered config used when
         neither shapes_config nor name says otherwise.
       shapes_config: a custom ShapesConfig; it needs a ``name`` of its own.
       num_examples: examples per split, e.g. {"train": 1000} (defaults: 512 / 128 / 128).
@@ -268,7 +277,8 @@ class RecordToArrays:
       image [H, W, 3] uint8, label_map [H, W] uint8, masks [M, H, W] bool,
       num_objects int32, shapes [M] int32 (-1 pad), colours [M] int32 (-1 pad),
       bboxes [M, 4] int32, centres_yx [M, 2] float32, word_object [L] int32 (-1 none/pad),
-      num_words int32, seed int64, caption str.
+      num_words int32, seed int64, caption str, tone int32 (index in shapes.TONE_NAMES),
+      letterbox [4] int32 (top, left, height, width of the scene), antialiased bool.
     """
 
     def __init__(self, config: shapes.ShapesConfig):
@@ -315,6 +325,9 @@ class RecordToArrays:
             "num_words": np.int32(word_object.shape[0]),
             "seed": np.int64(record["seed"]),
             "caption": _text(record["caption"]),
+            "tone": np.int32(record["tone"]),
+            "letterbox": np.asarray(record["letterbox"], np.int32).reshape(4),
+            "antialiased": np.bool_(record["antialiased"]),
         }
 
 

@@ -12,7 +12,14 @@ steps = gen_length) and compares the objects it names with the true ones:
 * **colour / shape accuracy per object** (target >= 97% each): each true object is matched to a generated object
   phrase (an assignment maximising the number of agreeing colour and shape words); the object's colour (shape)
   is right when its matched phrase has the same colour (shape). Unmatched true objects count as wrong.
-* **exact caption**: the generated caption equals the true one word for word (relations included).
+* **exact caption**: the generated caption equals the true one word for word (relations included);
+* **ended**: the answer contains the end token (``<|eot_id|>`` or ``<|endoftext|>``) within ``gen_length``;
+* **well formed**: it ended, and its words are a sentence of the caption grammar
+  (:func:`dcam_jax.data.shapes.is_well_formed`: no repeated articles, no dangling relations).
+
+``--pil_sets=dark:128x128,light:160x96`` captions images drawn by a different program instead
+(:mod:`dcam_jax.data.pil_shapes`, PIL's ImageDraw on dark, light or white backgrounds at any size), each set
+``--num_examples`` images, and reports every set and all of them together.
 
 The decoder is :func:`dcam_jax.sampling.sample`; ``--decoder=interim`` uses a small built-in greedy LLaDA decoder
 with the same semantics instead (:func:`greedy_decode`, written before the sampler existed and kept as an
@@ -129,10 +136,14 @@ class CaptionScore:
     colour_right: tuple[bool, ...]
     shape_right: tuple[bool, ...]
     num_generated: int
+    ended: bool = True
+    well_formed: bool = True
 
 
-def score_caption(generated: str, colours: Sequence[str], shapes_: Sequence[str], caption: str) -> CaptionScore:
-    """Score ``generated`` against the true objects (``colours``, ``shapes_`` in caption order) and ``caption``."""
+def score_caption(generated: str, colours: Sequence[str], shapes_: Sequence[str], caption: str,
+                  ended: bool = True) -> CaptionScore:
+    """Score ``generated`` against the true objects (``colours``, ``shapes_`` in caption order) and ``caption``;
+    ``ended`` says whether the answer held an end token."""
     truth = list(zip(colours, shapes_))
     gen = [(c, s) for _, c, s in shapes.parse_caption(generated)]
     assign = shapes.match_phrases(colours, shapes_, [(None, c, s) for c, s in gen])
@@ -140,7 +151,7 @@ def score_caption(generated: str, colours: Sequence[str], shapes_: Sequence[str]
     shape_right = tuple(j >= 0 and gen[j][1] == truth[i][1] for i, j in enumerate(assign))
     objects_right = sorted(gen, key=str) == sorted(truth, key=str)
     return CaptionScore(objects_right, gen == truth, generated.split() == caption.split(), colour_right,
-                        shape_right, len(gen))
+                        shape_right, len(gen), bool(ended), bool(ended) and shapes.is_well_formed(generated))
 
 
 @dataclasses.dataclass
@@ -153,48 +164,92 @@ class EvalReport:
     generated: list[str]
     scores: list[CaptionScore]
 
-    def summary(self) -> dict[str, float]:
+    sets: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
         """{"examples", "objects_all_right", "in_order", "exact_caption", "colour_acc", "shape_acc",
-        "objects"} as fractions (per example, or per true object for the accuracies)."""
-        s = self.scores
-        colour = [c for x in s for c in x.colour_right]
-        shape = [c for x in s for c in x.shape_right]
-        return {"split": self.split, "preset": self.preset, "examples": len(s),
-                "objects_all_right": float(np.mean([x.objects_right for x in s])),
-                "in_order": float(np.mean([x.in_order for x in s])),
-                "exact_caption": float(np.mean([x.exact for x in s])),
-                "colour_acc": float(np.mean(colour)), "shape_acc": float(np.mean(shape)), "objects": len(colour)}
+        "ended", "well_formed", "objects"} as fractions (per example, or per true object for the accuracies);
+        with several image sets, also "per_set": the same per set."""
+        out = {"split": self.split, "preset": self.preset, **_summarise(self.scores)}
+        if len(set(self.sets)) > 1:
+            out["per_set"] = {name: _summarise([x for x, n in zip(self.scores, self.sets) if n == name])
+                              for name in dict.fromkeys(self.sets)}
+        return out
+
+
+def _summarise(s: Sequence[CaptionScore]) -> dict[str, Any]:
+    colour = [c for x in s for c in x.colour_right]
+    shape = [c for x in s for c in x.shape_right]
+    return {"examples": len(s),
+            "objects_all_right": float(np.mean([x.objects_right for x in s])),
+            "in_order": float(np.mean([x.in_order for x in s])),
+            "exact_caption": float(np.mean([x.exact for x in s])),
+            "colour_acc": float(np.mean(colour)), "shape_acc": float(np.mean(shape)),
+            "ended": float(np.mean([x.ended for x in s])),
+            "well_formed": float(np.mean([x.well_formed for x in s])), "objects": len(colour)}
+
+
+def parse_pil_sets(text: str) -> list[tuple[str, int, int]]:
+    """``"dark:128x128,light:160x96"`` -> [("dark", 128, 128), ("light", 160, 96)] (background, width,
+    height); a set without ``:SIZE`` is 128 x 128."""
+    from dcam_jax.data import pil_shapes
+
+    out = []
+    for item in [t.strip() for t in text.split(",") if t.strip()]:
+        background, _, size = item.partition(":")
+        if background not in pil_shapes.BACKGROUND_KINDS:
+            raise ValueError(f"PIL set {item!r}: background must be one of {pil_shapes.BACKGROUND_KINDS}")
+        w, h = pil_shapes.parse_size(size) if size else (128, 128)
+        out.append((background, w, h))
+    if not out:
+        raise ValueError(f"no PIL sets in {text!r}; expected e.g. 'dark:128x128,light:160x96'")
+    return out
 
 
 def evaluate(params: Params, config: MLLMConfig, tokenizer, *, num_examples: int = 500, split: str = "test",
              preset: str = "default", start: int = 0, batch_size: int = 50, gen_length: int = tm.TOY_GEN_LENGTH,
              steps: int | None = None, decoder: str = "sampler", progress: bool = True,
-             block_length: int | None = None) -> EvalReport:
+             block_length: int | None = None, pil_sets: Sequence[tuple[str, int, int]] = ()) -> EvalReport:
     """Generate captions for examples ``start .. start + num_examples - 1`` of ``split`` and score them
-    (decoding as :func:`decode`)."""
+    (decoding as :func:`decode`). With ``pil_sets`` ((background, width, height) triples), caption that many
+    PIL-drawn examples of each set instead of ShapesWorld ``preset``."""
     from tqdm.auto import tqdm
 
     if num_examples <= 0:
         raise ValueError(f"num_examples={num_examples} must be positive")
-    cfg = shapes.preset(preset)
     processor = pimg.ImageProcessor(config)
-    geometry = tm.toy_geometry(config, cfg.image_size)
     ids = tm.prompt_ids(config, tokenizer)
     stop = (config.lm.eot_id, config.lm.eos_id)
-    report = EvalReport(split, preset, [], [], [])
-    for lo in tqdm(range(start, start + num_examples, batch_size), desc=f"captioning {split}", disable=not progress,
-                   dynamic_ncols=True):
-        hi = min(lo + batch_size, start + num_examples)
-        examples = [shapes.make_example(shapes.split_seed(split, i), cfg) for i in range(lo, hi)]
-        pix = np.stack([processor(e.image).pixel_values for e in examples])
-        blocks = _image_blocks_jit(params, config, jnp.asarray(pix), geometry)
-        prefix = tm.prefix_embeddings(params, config, ids, blocks)
-        tokens = decode(params, config, prefix, gen_length, steps, decoder, block_length)
-        for e, t in zip(examples, tokens):
-            text, _ = ptext.decode_answer(tokenizer, t, stop)
-            report.captions.append(e.caption)
-            report.generated.append(text)
-            report.scores.append(score_caption(text, e.colours, e.shapes, e.caption))
+    if pil_sets:
+        from dcam_jax.data import pil_shapes
+
+        sources = []
+        for background, w, h in pil_sets:
+            pcfg = pil_shapes.PilShapesConfig(width=w, height=h, background=background)
+            sources.append((f"{background}:{w}x{h}",
+                            lambda i, pcfg=pcfg: pil_shapes.make_example(shapes.split_seed(split, i), pcfg)))
+        label = "pil_shapes"
+    else:
+        cfg = shapes.preset(preset)
+        sources = [(preset, lambda i: shapes.make_example(shapes.split_seed(split, i), cfg))]
+        label = preset
+    report = EvalReport(split, label, [], [], [])
+    for name, make in sources:
+        for lo in tqdm(range(start, start + num_examples, batch_size), desc=f"captioning {split} {name}",
+                       disable=not progress, dynamic_ncols=True):
+            hi = min(lo + batch_size, start + num_examples)
+            examples = [make(i) for i in range(lo, hi)]
+            processed = [processor(e.image) for e in examples]
+            pix = np.stack([p.pixel_values for p in processed])
+            blocks = _image_blocks_jit(params, config, jnp.asarray(pix), processed[0].geometry)
+            prefix = tm.prefix_embeddings(params, config, ids, blocks)
+            tokens = decode(params, config, prefix, gen_length, steps, decoder, block_length)
+            for e, t in zip(examples, tokens):
+                text, kept = ptext.decode_answer(tokenizer, t, stop)
+                report.captions.append(e.caption)
+                report.generated.append(text)
+                report.scores.append(score_caption(text, e.colours, e.shapes, e.caption, ended=kept < len(t)))
+                report.sets.append(name)
     return report
 
 
@@ -209,6 +264,9 @@ def _flags():
     flags.DEFINE_integer("num_examples", 500, "Number of examples to caption.")
     flags.DEFINE_enum("split", "test", list(shapes.SPLITS), "ShapesWorld split.")
     flags.DEFINE_enum("preset", "default", list(shapes.PRESETS), "ShapesWorld preset.")
+    flags.DEFINE_string("pil_sets", None, "Caption PIL-drawn images instead of ShapesWorld: comma-separated "
+                        "BACKGROUND:WIDTHxHEIGHT sets (background dark, light or white), --num_examples each, "
+                        "e.g. 'dark:128x128,light:128x128,white:160x96'.")
     flags.DEFINE_integer("start", 0, "Index of the first example.")
     flags.DEFINE_integer("batch_size", 50, "Examples decoded together.")
     flags.DEFINE_integer("gen_length", tm.TOY_GEN_LENGTH, "Answer length.")
@@ -228,10 +286,14 @@ def main(argv):
     from dcam_jax import api
 
     F = _FLAGS
+    try:
+        pil_sets = parse_pil_sets(F.pil_sets) if F.pil_sets else ()
+    except ValueError as e:
+        raise SystemExit(f"error: --pil_sets: {e}")
     model = api.load_pretrained(F.checkpoint)
     rep = evaluate(model.params, model.config, model.tokenizer, num_examples=F.num_examples, split=F.split,
                    preset=F.preset, start=F.start, batch_size=F.batch_size, gen_length=F.gen_length, steps=F.steps,
-                   decoder=F.decoder, block_length=F.block_length)
+                   decoder=F.decoder, block_length=F.block_length, pil_sets=pil_sets)
     summary = rep.summary()
     summary["decoder"] = F.decoder
     summary["block_length"] = F.block_length or F.gen_length
@@ -239,8 +301,10 @@ def main(argv):
         print(f"  true: {t}\n  gen : {g}")
     print(json.dumps(summary, indent=2))
     if F.json_out:
-        with open(F.json_out, "w") as f:
-            json.dump({"summary": summary, "captions": rep.captions, "generated": rep.generated}, f, indent=1)
+        from dcam_jax import fileio
+
+        fileio.write_text(F.json_out, json.dumps({"summary": summary, "captions": rep.captions,
+                                                  "generated": rep.generated}, indent=1))
 
 
 _FLAGS = None
@@ -249,4 +313,6 @@ if __name__ == "__main__":
     from absl import app
 
     _FLAGS = _flags()
-    app.run(main)
+    from dcam_jax.cli import run_tool
+
+    run_tool(main)

@@ -5,9 +5,8 @@
 ShapesWorld image is one view of 64 image tokens) and a LLaDA LM with bidirectional attention.
 
 Why one view and not LaViDa's base view + high-res grid: at 64 px a 2 x 2 grid of 32 px crops cuts most objects
-between crops, and the 32 px base view shrinks them to 1-2 patches: the tower's object-level shape accuracy on
-whole images reached 78% in that layout (base view 68%, crops 87%) and 97% on one 64 px view (numbers in
-``dcam_jax/assets/README.md``). The any-resolution path is exercised by the layout, parity and CAM tests on random
+between crops, and the 32 px base view shrinks them to 1-2 patches, while one 64 px view sees every object whole
+(the model card, ``docs/toy_model.md``, has the model's numbers). The any-resolution path is exercised by the layout, parity and CAM tests on random
 models, and the batched forward below is tested on both layouts.
 
 Training uses its own batched forward (:func:`answer_logits`) rather than the one-example inference path: every
@@ -428,7 +427,7 @@ def token_rms_penalty(tokens: jax.Array) -> jax.Array:
 
     Nothing else fixes the scale of the projected image tokens (the object heads read RMS-normalised features, and
     every LM block reads the residual stream through an RMSNorm), so without it tokens that carry nothing the caption
-    needs (background) drift to many times the scale of object tokens; see dcam_jax/assets/README.md.
+    needs (background) drift to many times the scale of object tokens (``python -m eval.alignment`` measures it).
     """
     ms = jnp.mean(jnp.square(tokens.astype(jnp.float32)), -1)
     return jnp.mean(jnp.square(0.5 * jnp.log(ms + 1e-12)))

@@ -21,7 +21,7 @@ Three phases, all on batches generated on the fly from the ShapesWorld *train* s
 3. **End-to-end fine-tuning** (``--finetune_steps``, 0 skips it): the phase-2 objective on ``--finetune_preset``
    images with the tower and projector unfrozen at ``--finetune_tower_lr_mult`` x ``--finetune_lr``, with a fresh
    optimiser and schedule. A short phase at a low LR after the LM has learned to read the frozen tower lets the
-   tower adapt its features to captioning; see ``dcam_jax/assets/README.md`` for what it gains. It uses the same
+   tower adapt its features to captioning (the model card, ``docs/toy_model.md``, has the recipe). It uses the same
    example stream and mask keys as phase 2's first steps, so it equals a second run started from the phase-2
    checkpoint (``--init_checkpoint=... --view_steps=0 --tower_steps=0 --lm_steps=N --freeze_tower_steps=0``
    ``--finetune_steps=0``, and the phase-3 LR, multiplier and preset as ``--lr``, ``--tower_lr_mult``,
@@ -97,12 +97,12 @@ class TrainConfig:
     """
 
     seed: int = 0
-    view_steps: int = 900
+    view_steps: int = 3000
     view_batch: int = 128
     view_lr: float = 2e-3
     view_preset: str = "easy"
     view_size: int = 32
-    tower_steps: int = 8000
+    tower_steps: int = 12000
     tower_batch: int = 32
     tower_lr: float = 1.5e-3
     tower_presets: tuple[str, ...] = ("default",)
@@ -611,4 +611,6 @@ if __name__ == "__main__":
     from absl import app
 
     _FLAGS = _flags()
-    app.run(main)
+    from dcam_jax.cli import run_tool
+
+    run_tool(main)

@@ -109,12 +109,15 @@ def test_shapes_are_pairwise_distinct_at_small_radius():
 
 def test_gradient_background_matches_a_per_pixel_formula_and_noise_stays_low():
     n = 48
-    config = S.preset("default", image_size=n, backgrounds=("gradient",), noise_amplitude=0.0)
+    config = S.preset("default", image_size=n, backgrounds=("gradient",), tones=("dark",),
+                      noise_amplitude=0.0)
     noisy = config.replace(noise_amplitude=10.0, noise_prob=1.0)
     for seed in range(4):
-        image, kind, level = S._background(np.random.default_rng(seed), config)
-        # Replay the documented draws: kind, two HSV colours, the ramp angle.
+        backdrop = S._background(np.random.default_rng(seed), config)
+        image, kind, level = backdrop.image, backdrop.kind, backdrop.level
+        # Replay the documented draws: kind, tone, two HSV colours in the dark box, the angle.
         rng = np.random.default_rng(seed)
+        rng.integers(1)
         rng.integers(1)
         hsv = rng.random((2, 3)) * np.array([1.0, 0.3, 0.34]) + np.array([0.0, 0.0, 0.08])
         c0, c1 = (255.0 * np.array(colorsys.hsv_to_rgb(*hsv[i])) for i in range(2))
@@ -130,7 +133,7 @@ def test_gradient_background_matches_a_per_pixel_formula_and_noise_stays_low():
         assert np.abs(image.astype(np.float64) - ref).max() <= 1.0
         assert abs(level - image.mean() / 255.0) < 2e-3
         # Noise is low-contrast: within its amplitude of the clean ramp, but present.
-        with_noise, _, _ = S._background(np.random.default_rng(seed), noisy)
+        with_noise = S._background(np.random.default_rng(seed), noisy).image
         diff = with_noise.astype(np.int32) - image.astype(np.int32)
         assert np.abs(diff).max() <= 11 and np.abs(diff).mean() > 1.0
 
@@ -155,8 +158,9 @@ def test_same_seed_same_bytes_and_different_seeds_differ(name):
 
 
 def test_clutter_changes_nothing_but_clutter_pixels():
-    with_clutter = S.preset("default", clutter_range=(4, 6))
-    without = S.preset("default", clutter_range=(0, 0))
+    # Crisp rendering: blur, JPEG and soft edges would spread each clutter disc's pixels.
+    with_clutter = S.preset("dark", clutter_range=(4, 6))
+    without = S.preset("dark", clutter_range=(0, 0))
     for seed in range(30):
         a, b = S.make_example(seed, with_clutter), S.make_example(seed, without)
         assert a.caption == b.caption
@@ -215,16 +219,13 @@ def test_iterate_yields_split_examples_in_order():
 # ---------------------------------------------------------------------------------------------
 
 
-def _colour_distance_to_objects(pixels):
-    """[P] min L2 distance of pixels [P, 3] to every fill and texture colour."""
-    palette = np.array([c for fill_shade in S.COLOURS.values() for c in fill_shade], np.float64)
-    d = np.linalg.norm(pixels[:, None, :].astype(np.float64) - palette[None], axis=-1)
-    return d.min(axis=1)
+CRISP = dict(antialias_prob=0.0, blur_prob=0.0, jpeg_prob=0.0, letterbox_prob=0.0)
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_masks_agree_with_painted_pixels(name):
-    config, examples = _examples(name, 40)
+    # Crisp rendering: every object pixel then carries exactly its fill or texture colour.
+    config, examples = _examples(name, 40, **CRISP)
     for e in examples:
         n = config.image_size
         assert e.image.shape == (n, n, 3) and e.image.dtype == np.uint8
@@ -247,9 +248,12 @@ def test_masks_agree_with_painted_pixels(name):
                 assert is_fill.all()
             else:
                 assert is_shade.any(), "a textured object shows its texture"
-        # ... and no pixel outside the objects looks like an object colour.
-        outside = e.image[e.label_map == 0]
-        assert _colour_distance_to_objects(outside).min() > 40.0
+        # ... and, by the contrast rule, no background pixel is near the fill of an object of
+        # the image (noise moves each channel by at most noise_amplitude, rounding by 1).
+        background = e.image[(e.label_map == 0) & ~e.clutter_mask].astype(np.float64)
+        fills = np.array([S.COLOURS[c][0] for c in e.colours], np.float64)
+        gap = np.linalg.norm(background[:, None] - fills[None], axis=-1).min()
+        assert gap >= S.MIN_CONTRAST - np.sqrt(3.0) * (config.noise_amplitude + 1.0), (e.tone, gap)
         # The visible masks are the painted objects re-rasterised in drawing order.
         full = _full_masks(e)
         ref = np.zeros((n, n), np.uint8)
@@ -368,7 +372,7 @@ def test_captions_use_the_vocabulary_and_align_with_objects(name):
 
 def test_max_caption_words_is_a_tight_bound():
     for changes in ({}, {"relations": False}, {"size_words": True}):
-        config, examples = _examples("default", 150, **changes)
+        config, examples = _examples("default", 150, letterbox_prob=0.0, **changes)
         lengths = [len(e.words) for e in examples]
         assert max(lengths) == S.max_caption_words(config), changes
 
@@ -587,6 +591,11 @@ def _check_record(record, e, shapes_tfds):
     assert np.array_equal(np.asarray(record["label_map"])[..., 0], e.label_map)
     text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
     assert text(record["caption"]) == e.caption
+    assert S.BACKGROUNDS[record["background"]] == e.background
+    assert S.TONE_NAMES[record["tone"]] == e.tone
+    n = e.image.shape[0]
+    assert tuple(np.asarray(record["letterbox"]).tolist()) == (e.letterbox or (0, 0, n, n))
+    assert bool(record["antialiased"]) == e.antialiased
     assert [text(w) for w in record["words"]] == list(e.words)
     assert list(record["word_object"]) == e.word_object_array().tolist()
     assert [S.WORD_CLASSES[c] for c in record["word_class"]] == list(e.word_class)
@@ -634,6 +643,9 @@ def test_tfds_round_trip_data_source_and_grain(tmp_path):
         assert np.array_equal(got["colours"], ref.colours)
         assert np.array_equal(got["word_object"], ref.word_object)
         assert np.array_equal(got["num_words"], ref.num_words)
+        examples = [S.make_example(S.split_seed("train", i), config)
+                    for i in range(4 * bi, 4 * bi + 4)]
+        assert [S.TONE_NAMES[t] for t in got["tone"]] == [e.tone for e in examples]
         assert np.array_equal(got["seed"], ref.seeds)
         assert [str(c) for c in got["caption"]] == list(ref.captions)
 
@@ -694,3 +706,121 @@ def test_match_phrases_is_the_best_assignment():
         assert len(used) == len(set(used)) == min(n, m)
     with pytest.raises(ValueError, match="colours but"):
         S.match_phrases(["red"], [], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backgrounds of every tone, the contrast rule, rendering variety
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_tone_is_drawn_and_in_its_box():
+    config = S.preset("default", backgrounds=("solid",), noise_amplitude=0.0, **CRISP)
+    seen = {}
+    for i in range(200):
+        e = S.make_example(S.split_seed("train", i), config)
+        corner = e.image[0, 0].astype(np.float64) / 255.0
+        h, sat, val = colorsys.rgb_to_hsv(*corner)
+        seen.setdefault(e.tone, []).append((sat, val))
+    assert set(seen) == set(S.TONE_NAMES)
+    for tone, points in seen.items():
+        s_min, s_span, v_min, v_span = S.TONES[tone]
+        sats, vals = np.array(points).T
+        tol = 3.0 / 255.0  # uint8 rounding
+        assert vals.min() >= v_min - tol and vals.max() <= v_min + v_span + tol, tone
+        assert sats.max() <= s_min + s_span + 0.05, tone
+
+
+def test_contrast_rule_names_the_right_colours():
+    white = (250.0, 250.0, 250.0)
+    assert "white" not in S.allowed_colours(white, white)
+    assert "yellow" in S.allowed_colours(white, white)
+    dark = (20.0, 20.0, 25.0)
+    assert set(S.allowed_colours(dark, dark)) == set(S.COLOUR_NAMES)
+    # A gradient counts all its colours: white is refused once the ramp reaches white.
+    assert "white" in S.allowed_colours(dark, dark)
+    assert "white" not in S.allowed_colours(dark, white)
+    # Closed form: the distance from a fill to a solid background.
+    red = np.array(S.COLOURS["red"][0], np.float64)
+    near = red + np.array([S.MIN_CONTRAST - 1.0, 0.0, 0.0]) / 1.0
+    near = np.clip(near, 0, 255)
+    assert "red" not in S.allowed_colours(near, near)
+
+
+def test_a_colour_word_is_never_drawn_on_a_background_it_fails_the_rule_on():
+    config = S.preset("default", noise_amplitude=0.0, clutter_range=(0, 0), **CRISP)
+    for i in range(150):
+        e = S.make_example(S.split_seed("validation", i), config)
+        background = e.image[e.label_map == 0].astype(np.float64)
+        for colour in e.colours:
+            fill = np.array(S.COLOURS[colour][0], np.float64)
+            assert np.linalg.norm(background - fill, axis=-1).min() >= S.MIN_CONTRAST - 2.0, (
+                e.tone, colour)
+
+
+def test_config_whose_colours_fail_the_contrast_rule_is_refused_before_drawing():
+    with pytest.raises(ValueError, match="contrast rule on the 'white'"):
+        S.ShapesConfig(colours=("white",), tones=("white",), max_objects=1)
+    with pytest.raises(ValueError, match="contrast rule on the 'light'"):
+        S.ShapesConfig(colours=("white", "pink", "purple", "red"), tones=("dark", "light"))
+    # The same colours are fine on tones where they stand out.
+    S.ShapesConfig(colours=("white",), tones=("dark",), max_objects=1)
+
+
+def test_rendering_variety_keeps_the_scene_and_masks():
+    crisp = S.preset("default", **CRISP)
+    for i in range(30):
+        seed = S.split_seed("test", i)
+        base = S.make_example(seed, crisp)
+        for field in ("antialias_prob", "blur_prob", "jpeg_prob"):
+            e = S.make_example(seed, crisp.replace(**{field: 1.0}))
+            assert e.caption == base.caption and np.array_equal(e.label_map, base.label_map)
+            assert e.image.shape == base.image.shape and e.image.dtype == np.uint8
+        aa = S.make_example(seed, crisp.replace(antialias_prob=1.0))
+        assert aa.antialiased and not base.antialiased
+        # Anti-aliasing changes pixels only on outlines: within one pixel (8-neighbourhood) of
+        # an object's whole outline, where a 2 x 2 subsample can fall on either side. The
+        # painted pixels of later objects cover earlier objects' rims as before.
+        changed = np.any(aa.image != base.image, axis=-1)
+        edge = np.zeros_like(changed)
+        for m in _full_masks(base):
+            padded = np.pad(m, 1)
+            windows = [padded[1 + dy:1 + dy + m.shape[0], 1 + dx:1 + dx + m.shape[1]]
+                       for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+            edge |= np.logical_or.reduce(windows) & ~np.logical_and.reduce(windows)
+        assert changed.any() and not np.any(changed & ~edge)
+
+
+def test_letterbox_bands_hold_every_object_and_bars_are_pad_grey():
+    config = S.preset("default", letterbox_prob=1.0, antialias_prob=0.0, blur_prob=0.0,
+                      jpeg_prob=0.0)
+    n = config.image_size
+    orientations = set()
+    for i in range(40):
+        e = S.make_example(S.split_seed("train", i), config)
+        top, left, h, w = e.letterbox
+        assert (h == n) != (w == n) and 0.55 * n - 1 <= min(h, w) <= 0.9 * n + 1
+        orientations.add(h == n)
+        band = np.zeros((n, n), bool)
+        band[top:top + h, left:left + w] = True
+        assert not np.any((e.label_map > 0) & ~band) and not np.any(e.clutter_mask & ~band)
+        assert np.all(e.image[~band] == S.LETTERBOX_FILL)
+        assert e.num_objects >= 1
+    assert orientations == {True, False}
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_every_generated_caption_is_well_formed(name):
+    config, examples = _examples(name, 60)
+    assert all(S.is_well_formed(e.caption, config.size_words) for e in examples)
+
+
+def test_malformed_captions_are_recognised():
+    good = "a green triangle left of a yellow star and a white cross"
+    assert S.is_well_formed(good)
+    for bad in ("", "a", "a a red circle", "a red circle and", "a red circle above",
+                "a red circle above a blue square above a red star", "a white cross a a white square",
+                "a red circle and and a blue star", "a red red circle", "a red circle left a blue star",
+                good + " of", "a small red circle"):
+        assert not S.is_well_formed(bad), bad
+    assert S.is_well_formed("a small red circle", size_words=True)
+    assert not S.is_well_formed("a red circle", size_words=True)
