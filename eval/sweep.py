@@ -152,7 +152,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "with '+'. --out_dir is the sweep directory; each cell writes a subdirectory.",
                         flag_values=fv)
     if fv is flags.FLAGS:
-        flags.adopt_module_key_flags(run_lib, flag_values=fv)
+        from eval import config as run_config
+
+        flags.adopt_module_key_flags(run_config, flag_values=fv)
 
 
 def main(argv):
