@@ -8,16 +8,17 @@ LLAMA_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-def llama_from_lm_params(cfg, p):
-    """transformers LlamaForCausalLM (eager attention, float64) holding our LM params ``p`` (config ``cfg``)."""
+def llama_from_lm_params(cfg, p, dtype=torch.float64, attn_implementation="eager"):
+    """transformers LlamaForCausalLM (float64 with eager attention unless told otherwise) holding our LM params
+    ``p`` (config ``cfg``). benchmarks/torch_reference.py uses it in float32 with SDPA."""
     tc = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         head_dim=cfg.head_dim, hidden_act="silu", rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
         attention_bias=False, mlp_bias=False, tie_word_embeddings=False, max_position_embeddings=cfg.max_seq_len)
-    tc._attn_implementation = "eager"
-    m = transformers.LlamaForCausalLM(tc).eval().double()
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+    tc._attn_implementation = attn_implementation
+    m = transformers.LlamaForCausalLM(tc).eval().to(dtype)
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64)).to(dtype)
     sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]),
           "lm_head.weight": t(p["lm_head"]).T}
     for i in range(cfg.n_layers):

@@ -1,0 +1,171 @@
+"""Our attribution pass against the authors' way in PyTorch, on the very same weights, measured in one run.
+
+The authors explain a token with one full forward and one backward in PyTorch eager mode, a hook retaining the
+gradient of the layer-L hidden state. This script builds transformers' ``LlamaForCausalLM`` from the same random
+LaViDa-shaped LM parameters our JAX model uses (float32; bidirectional attention through an explicit 4-D
+mask), then
+
+1. checks that the torch maps equal ours (``standard`` gradient rule, per-token gradient x activation:
+   HiResCAM's raw maps) for the ``clean`` and ``decision`` probes, to 1e-4 of the largest map value;
+2. times, as medians over ``--repeats`` after a warm-up, seconds per explained token for:
+   - torch, one forward + backward per token, with SDPA attention (the fastest correct path) and eager;
+   - JAX, one jitted call per token;
+   - JAX, all tokens in one call (vmapped probe states, shared forward for ``clean``);
+   and prints the ratios.
+
+Usage:
+  python benchmarks/torch_reference.py                  # ~830 image tokens + 40 text + a 64-token answer
+  python benchmarks/torch_reference.py --grid=8 --answer_len=16 --targets=4 --repeats=1   # a quick run
+Random weights, nothing downloaded; needs the test extras (torch==2.13.0 CPU, transformers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import explain as ex
+from dcam_jax.models import config as C
+from dcam_jax.models import llada, mllm
+from dcam_jax.processing.image import ImageGeometry
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("d_model", 256, "LM width.")
+flags.DEFINE_integer("n_layers", 6, "LM depth.")
+flags.DEFINE_integer("n_heads", 4, "Attention heads.")
+flags.DEFINE_integer("mlp_hidden", 768, "SwiGLU width.")
+flags.DEFINE_integer("vocab", 4096, "Vocabulary size.")
+flags.DEFINE_integer("text_tokens", 40, "Prompt text tokens besides the image.")
+flags.DEFINE_integer("grid", 27, "High-res grid side: image tokens = 8 x 8 base + grid x (grid + 1) with newlines "
+                     "(27: 820 image tokens, LaViDa-like).")
+flags.DEFINE_integer("answer_len", 64, "Answer length G.")
+flags.DEFINE_integer("targets", 16, "Explained tokens T.")
+flags.DEFINE_integer("layer", 2, "Hooked block L.")
+flags.DEFINE_integer("batch_size", 8, "JAX probe states per vmapped chunk (CamConfig.batch_size).")
+flags.DEFINE_integer("repeats", 3, "Timed repeats (after one warm-up).")
+
+
+def _timed(fn, block=True):
+    out = fn()
+    if block:
+        jax.block_until_ready(out)
+    ts = []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        if block:
+            jax.block_until_ready(out)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main(argv):
+    del argv
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from torch_refs import llama_from_lm_params
+
+    V = FLAGS.vocab
+    lm = C.LMConfig(vocab_size=V, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers, n_heads=FLAGS.n_heads,
+                    n_kv_heads=FLAGS.n_heads, head_dim=FLAGS.d_model // FLAGS.n_heads, mlp_hidden=FLAGS.mlp_hidden,
+                    max_seq_len=8192, mask_id=V - 1, eos_id=V - 2, pad_id=V - 2, bos_id=V - 3, eot_id=V - 4)
+    cfg = C.tiny_mllm(lm=lm)
+    params = {"lm": llada.init_lm_params(jax.random.key(0), lm)}
+    g = FLAGS.grid
+    geom = ImageGeometry((64, 64), 5, 8, (2, 2), (64, 64), (0, g, 0, g), (g, g), False)
+    P = FLAGS.text_tokens + geom.num_image_tokens
+    layout = mllm.image_layout(geom, FLAGS.text_tokens // 2)
+    pos = np.asarray(layout.positions())  # [H, W] sequence positions of the explained view
+    emb = 0.02 * jax.random.normal(jax.random.key(1), (P, lm.d_model), jnp.float32)
+    rng = np.random.default_rng(0)
+    G, T, L = FLAGS.answer_len, FLAGS.targets, FLAGS.layer
+    answer = rng.integers(0, V - 8, G).astype(np.int32)
+    commit = (rng.permutation(G) // 2).astype(np.int32)
+    targets = list(range(T))
+    base = ex.CamConfig(method="hirescam", layer=L, refine="none", batch_size=FLAGS.batch_size, attention="full")
+
+    def jax_maps(probe, tg):
+        cam = dataclasses.replace(base, probe=probe)
+        return ex.raw_token_maps(params, cfg, cam, emb, layout, answer, tg, commit_step=commit)[0]
+
+    decision_states = attr.decision_states(answer, commit, targets, lm.mask_id)  # [T, G]
+    states = {"clean": np.repeat(answer[None], T, 0), "decision": decision_states}
+
+    # ---- torch, the authors' way: one forward + backward per explained token
+    p_np = jax.tree_util.tree_map(np.asarray, params["lm"])
+    emb_t = torch.from_numpy(np.array(emb, np.float32))
+    embed_t = torch.from_numpy(np.array(p_np["embed"], np.float32))
+    S = P + G
+    mask = torch.zeros((1, 1, S, S), dtype=torch.float32)  # every token sees every token (bidirectional)
+    models = {impl: llama_from_lm_params(lm, p_np, dtype=torch.float32, attn_implementation=impl)
+              for impl in ("sdpa", "eager")}
+
+    def torch_map(m, state, t):
+        x = torch.cat([emb_t, embed_t[torch.from_numpy(state.astype(np.int64))]], 0)[None]
+        captured = {}
+
+        def hook(module, inputs, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h.retain_grad()
+            captured["h"] = h
+            return output
+
+        handle = m.model.layers[L].register_forward_hook(hook)
+        out = m(inputs_embeds=x, attention_mask=mask)
+        handle.remove()
+        torch.log_softmax(out.logits[0, P + t], -1)[int(answer[t])].backward()
+        A = captured["h"][0].detach().numpy()[pos]
+        Gr = captured["h"].grad[0].numpy()[pos]
+        return np.maximum((A * Gr).sum(-1), 0.0)
+
+    def torch_all(m, probe):
+        return np.stack([torch_map(m, states[probe][k], t) for k, t in enumerate(targets)])
+
+    # ---- 1. parity
+    print(f"sequence {S} tokens ({geom.num_image_tokens} image, {FLAGS.text_tokens} text, answer {G}); LM "
+          f"{lm.n_layers} x {lm.d_model}, vocab {V}, float32; hook block {L}; T = {T} explained tokens")
+    for probe in ("clean", "decision"):
+        ours = np.asarray(jax_maps(probe, targets))
+        theirs = torch_all(models["sdpa"], probe)
+        err = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+        print(f"parity, {probe}: max |ours - torch| / max |torch| = {err:.2e} "
+              f"({'ok' if err <= 1e-4 else 'FAILED, over 1e-4'})")
+        if err > 1e-4:
+            raise SystemExit(f"the {probe} maps differ from the torch reference; timings would compare different "
+                             "computations")
+
+    # ---- 2. timing
+    rows = {}
+    for probe in ("clean", "decision"):
+        rows[f"torch SDPA, one backward per token, {probe}"] = _timed(
+            lambda probe=probe: torch_all(models["sdpa"], probe), block=False)
+        rows[f"torch eager, one backward per token, {probe}"] = _timed(
+            lambda probe=probe: torch_all(models["eager"], probe), block=False)
+        rows[f"JAX, one call per token, {probe}"] = _timed(
+            lambda probe=probe: [jax_maps(probe, [t]) for t in targets])
+        rows[f"JAX, all tokens in one call, {probe}"] = _timed(lambda probe=probe: jax_maps(probe, targets))
+    print(f"{'variant':<52}{'median s':>10}{'s / token':>11}")
+    for name, t in rows.items():
+        print(f"{name:<52}{t:>10.3f}{t / T:>11.4f}")
+    for probe in ("clean", "decision"):
+        ref = rows[f"torch SDPA, one backward per token, {probe}"]
+        print(f"{probe}: JAX all-in-one-call is {ref / rows[f'JAX, all tokens in one call, {probe}']:.2f}x faster "
+              f"per token than torch SDPA; JAX one-call-per-token {ref / rows[f'JAX, one call per token, {probe}']:.2f}x"
+              f"; torch eager / SDPA {rows[f'torch eager, one backward per token, {probe}'] / ref:.2f}x")
+
+
+if __name__ == "__main__":
+    from dcam_jax.cli import run_tool
+
+    run_tool(main)
