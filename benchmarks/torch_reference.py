@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dcam_jax.cam import attribution as attr
 from dcam_jax.cam import explain as ex
@@ -74,7 +74,7 @@ def main(argv):
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
-    from torch_refs import llama_from_lm_params
+    from torch_refs import layer_state_and_grad, llama_from_lm_params
 
     V = FLAGS.vocab
     lm = C.LMConfig(vocab_size=V, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers, n_heads=FLAGS.n_heads,
@@ -113,21 +113,8 @@ def main(argv):
 
     def torch_map(m, state, t):
         x = torch.cat([emb_t, embed_t[torch.from_numpy(state.astype(np.int64))]], 0)[None]
-        captured = {}
-
-        def hook(module, inputs, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h.retain_grad()
-            captured["h"] = h
-            return output
-
-        handle = m.model.layers[L].register_forward_hook(hook)
-        out = m(inputs_embeds=x, attention_mask=mask)
-        handle.remove()
-        torch.log_softmax(out.logits[0, P + t], -1)[int(answer[t])].backward()
-        A = captured["h"][0].detach().numpy()[pos]
-        Gr = captured["h"].grad[0].numpy()[pos]
-        return np.maximum((A * Gr).sum(-1), 0.0)
+        A, Gr, _ = layer_state_and_grad(m, x, mask, L, P + t, answer[t])
+        return np.maximum((A[pos] * Gr[pos]).sum(-1), 0.0)
 
     def torch_all(m, probe):
         return np.stack([torch_map(m, states[probe][k], t) for k, t in enumerate(targets)])

@@ -34,3 +34,25 @@ def llama_from_lm_params(cfg, p, dtype=torch.float64, attn_implementation="eager
 def additive_mask(allowed: np.ndarray) -> torch.Tensor:
     """Bool [B, 1, T, T] (True = attend) -> float additive mask (0 / -1e9); eager attention adds masks."""
     return torch.from_numpy(np.where(allowed, 0.0, -1e9)).double()
+
+
+def layer_state_and_grad(m, x, mask, layer: int, position: int, token: int):
+    """One forward and one backward of transformers model ``m`` (the authors' way): log p(``token``) at sequence
+    ``position``, differentiated with respect to the output of decoder block ``layer`` (a forward hook retains its
+    gradient). x: [1, T, D] inputs_embeds; mask: [1, 1, T, T] additive. Returns (A [T, D], G [T, D], log p)."""
+    captured = {}
+
+    def hook(module, inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h.retain_grad()
+        captured["h"] = h
+        return output
+
+    handle = m.model.layers[layer].register_forward_hook(hook)
+    try:
+        out = m(inputs_embeds=x, attention_mask=mask)
+    finally:
+        handle.remove()
+    logp = torch.log_softmax(out.logits[0, position], -1)[int(token)]
+    logp.backward()
+    return captured["h"][0].detach().numpy(), captured["h"].grad[0].numpy(), float(logp.detach())

@@ -17,7 +17,7 @@ from dcam_jax.processing import image as pimg
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from torch_refs import additive_mask, llama_from_lm_params  # noqa: E402
+from torch_refs import additive_mask, layer_state_and_grad, llama_from_lm_params  # noqa: E402
 
 CFG = C.tiny_mllm(lm=C.tiny_lm(n_layers=3))
 G = 6
@@ -50,25 +50,11 @@ def _torch_gradcam(params, emb, layout, state, target, token, layer, prefix_lm=F
     if prefix_lm:
         allowed[:, :, :P, P:] = False
     mask = additive_mask(allowed)
-    captured = {}
-
-    def hook(module, inputs, output):
-        h = output[0] if isinstance(output, tuple) else output
-        h.retain_grad()
-        captured["h"] = h
-        return output
-
-    handle = m.model.layers[layer].register_forward_hook(hook)
-    out = m(inputs_embeds=x, attention_mask=mask)
-    handle.remove()
-    logp = torch.log_softmax(out.logits[0, P + target], -1)[token]
-    logp.backward()
-    A = captured["h"][0].detach().numpy()
-    Gr = captured["h"].grad[0].numpy()
+    A, Gr, logp = layer_state_and_grad(m, x, mask, layer, P + target, token)
     pos = layout.positions()
     A, Gr = A[pos], Gr[pos]  # [H, W, C]
     w = Gr.mean(axis=(0, 1))
-    return np.maximum((A * w).sum(-1), 0.0), float(logp.detach())
+    return np.maximum((A * w).sum(-1), 0.0), logp
 
 
 def _spec(**kw):

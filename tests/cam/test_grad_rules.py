@@ -306,10 +306,10 @@ def torch_ref():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers.models.llama import modeling_llama
-    from torch_refs import additive_mask, llama_from_lm_params
+    from torch_refs import additive_mask, layer_state_and_grad, llama_from_lm_params
 
     return SimpleNamespace(torch=torch, ml=modeling_llama, additive_mask=additive_mask,
-                           llama_from_lm_params=llama_from_lm_params)
+                           layer_state_and_grad=layer_state_and_grad, llama_from_lm_params=llama_from_lm_params)
 
 
 def _torch_maps(s, tr, rule, attention, monkeypatch):
@@ -359,25 +359,12 @@ def _torch_maps(s, tr, rule, attention, monkeypatch):
     mask = tr.additive_mask(allowed)
     maps, grads, scores = {"gxa": [], "gradcam": []}, [], []
     for t in TARGETS:
-        captured = {}
-
-        def hook(module, inputs, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h.retain_grad()
-            captured["h"] = h
-            return output
-
-        handle = m.model.layers[L].register_forward_hook(hook)
-        out = m(inputs_embeds=x, attention_mask=mask)
-        handle.remove()
-        logp = torch.log_softmax(out.logits[0, P + t], -1)[int(s.answer[t])]
-        logp.backward()
-        A = captured["h"][0].detach().numpy()[s.img]
-        Gr = captured["h"].grad[0].numpy()[s.img]
+        A, Gr, logp = tr.layer_state_and_grad(m, x, mask, L, P + t, s.answer[t])
+        A, Gr = A[s.img], Gr[s.img]
         maps["gxa"].append(np.maximum((Gr * A).sum(-1), 0.0))
         maps["gradcam"].append(np.maximum((A * Gr.mean(axis=(0, 1))).sum(-1), 0.0))
         grads.append(Gr)
-        scores.append(float(logp.detach()))
+        scores.append(logp)
     # the patches were on the path: every layer's attention ran through attention_fn, each held norm once
     assert attn_calls == list(range(CFG.lm.n_layers)) * len(TARGETS)
     assert len(norm_calls) == (2 * (CFG.lm.n_layers - L - 1) + 1) * len(TARGETS) * held_norm
