@@ -14,6 +14,7 @@ import pytest
 from skimage.draw import disk, polygon
 
 from dcam_jax.data import shapes as S
+from dcam_jax.data.shapes import render
 
 PRESET_NAMES = tuple(S.PRESETS)
 
@@ -113,7 +114,7 @@ def test_gradient_background_matches_a_per_pixel_formula_and_noise_stays_low():
                       noise_amplitude=0.0)
     noisy = config.replace(noise_amplitude=10.0, noise_prob=1.0)
     for seed in range(4):
-        backdrop = S._background(np.random.default_rng(seed), config)
+        backdrop = render._background(np.random.default_rng(seed), config)
         image, kind, level = backdrop.image, backdrop.kind, backdrop.level
         # Replay the documented draws: kind, tone, two HSV colours in the dark box, the angle.
         rng = np.random.default_rng(seed)
@@ -133,7 +134,7 @@ def test_gradient_background_matches_a_per_pixel_formula_and_noise_stays_low():
         assert np.abs(image.astype(np.float64) - ref).max() <= 1.0
         assert abs(level - image.mean() / 255.0) < 2e-3
         # Noise is low-contrast: within its amplitude of the clean ramp, but present.
-        with_noise = S._background(np.random.default_rng(seed), noisy).image
+        with_noise = render._background(np.random.default_rng(seed), noisy).image
         diff = with_noise.astype(np.int32) - image.astype(np.int32)
         assert np.abs(diff).max() <= 11 and np.abs(diff).mean() > 1.0
 
