@@ -19,67 +19,27 @@ Random weights; nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+from absl import flags
 
+import _lm_bench
 from dcam_jax.cam import attribution as attr
 from dcam_jax.cam import explain as ex
-from dcam_jax.models import config as C
-from dcam_jax.models import llada, mllm
-from dcam_jax.processing.image import ImageGeometry
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("d_model", 256, "LM width.")
-flags.DEFINE_integer("n_layers", 6, "LM depth.")
-flags.DEFINE_integer("n_heads", 4, "Attention heads.")
-flags.DEFINE_integer("mlp_hidden", 768, "SwiGLU width.")
-flags.DEFINE_integer("vocab", 4096, "Vocabulary size.")
+_lm_bench.define_flags(grid=16, answer_len=32)
 flags.DEFINE_string("dtype", "float32", "float32 or bfloat16.")
-flags.DEFINE_integer("text_tokens", 40, "Prompt text tokens besides the image.")
-flags.DEFINE_integer("grid", 16, "High-res grid side (image tokens = base 8x8 + grid rows with newlines).")
-flags.DEFINE_integer("answer_len", 32, "Answer length G.")
-flags.DEFINE_integer("targets", 16, "Explained tokens T.")
 flags.DEFINE_list("noise_samples", ["1", "4"], "K values for the noise probe.")
-flags.DEFINE_integer("batch_size", 8, "Probe states per vmapped chunk (CamConfig.batch_size).")
-flags.DEFINE_integer("repeats", 3, "Timed repeats.")
-
-
-def _timed(fn):
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+_timed = _lm_bench.timed
 
 
 def main(argv):
     del argv
-    V = FLAGS.vocab
-    lm = C.LMConfig(vocab_size=V, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers, n_heads=FLAGS.n_heads,
-                    n_kv_heads=FLAGS.n_heads, head_dim=FLAGS.d_model // FLAGS.n_heads, mlp_hidden=FLAGS.mlp_hidden,
-                    max_seq_len=8192, mask_id=V - 1, eos_id=V - 2, pad_id=V - 2, bos_id=V - 3, eot_id=V - 4,
-                    dtype=FLAGS.dtype)
-    cfg = C.tiny_mllm(lm=lm)
-    key = jax.random.key(0)
-    lm_params = llada.init_lm_params(key, lm)
-    params = {"lm": lm_params}
-    g = FLAGS.grid
-    geom = ImageGeometry((64, 64), 5, 8, (2, 2), (64, 64), (0, g, 0, g), (g, g), False)
-    P = FLAGS.text_tokens + geom.num_image_tokens
-    layout = mllm.image_layout(geom, FLAGS.text_tokens // 2)
-    emb = (0.02 * jax.random.normal(jax.random.key(1), (P, lm.d_model))).astype(jnp.dtype(lm.dtype))
-    rng = np.random.default_rng(0)
-    G, T = FLAGS.answer_len, FLAGS.targets
-    answer = rng.integers(0, V - 8, G).astype(np.int32)
-    commit = rng.permutation(G).astype(np.int32) // 2
-    targets = list(range(T))
+    b = _lm_bench.build(FLAGS.dtype)
+    lm, cfg, params, geom, layout, emb, P = b.lm, b.cfg, b.params, b.geom, b.layout, b.emb, b.P
+    V, G, T = FLAGS.vocab, FLAGS.answer_len, FLAGS.targets
+    answer, commit, targets = b.answer, b.commit, b.targets
     base = ex.CamConfig(layer=lm.n_layers // 3, refine="none", batch_size=FLAGS.batch_size, attention="full")
 
     def run(cam, tg):

@@ -22,51 +22,22 @@ Random weights, nothing downloaded; needs the test extras (torch==2.13.0 CPU, tr
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+import _lm_bench
 from dcam_jax.cam import attribution as attr
 from dcam_jax.cam import explain as ex
-from dcam_jax.models import config as C
-from dcam_jax.models import llada, mllm
-from dcam_jax.processing.image import ImageGeometry
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("d_model", 256, "LM width.")
-flags.DEFINE_integer("n_layers", 6, "LM depth.")
-flags.DEFINE_integer("n_heads", 4, "Attention heads.")
-flags.DEFINE_integer("mlp_hidden", 768, "SwiGLU width.")
-flags.DEFINE_integer("vocab", 4096, "Vocabulary size.")
-flags.DEFINE_integer("text_tokens", 40, "Prompt text tokens besides the image.")
-flags.DEFINE_integer("grid", 27, "High-res grid side: image tokens = 8 x 8 base + grid x (grid + 1) with newlines "
-                     "(27: 820 image tokens, LaViDa-like).")
-flags.DEFINE_integer("answer_len", 64, "Answer length G.")
-flags.DEFINE_integer("targets", 16, "Explained tokens T.")
+_lm_bench.define_flags(grid=27, answer_len=64)
 flags.DEFINE_integer("layer", 2, "Hooked block L.")
-flags.DEFINE_integer("batch_size", 8, "JAX probe states per vmapped chunk (CamConfig.batch_size).")
-flags.DEFINE_integer("repeats", 3, "Timed repeats (after one warm-up).")
-
-
-def _timed(fn, block=True):
-    out = fn()
-    if block:
-        jax.block_until_ready(out)
-    ts = []
-    for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        if block:
-            jax.block_until_ready(out)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+_timed = _lm_bench.timed
 
 
 def main(argv):
@@ -76,23 +47,11 @@ def main(argv):
     sys.path.insert(0, str(REPO / "tests"))
     from torch_refs import layer_state_and_grad, llama_from_lm_params
 
-    V = FLAGS.vocab
-    lm = C.LMConfig(vocab_size=V, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers, n_heads=FLAGS.n_heads,
-                    n_kv_heads=FLAGS.n_heads, head_dim=FLAGS.d_model // FLAGS.n_heads, mlp_hidden=FLAGS.mlp_hidden,
-                    max_seq_len=8192, mask_id=V - 1, eos_id=V - 2, pad_id=V - 2, bos_id=V - 3, eot_id=V - 4)
-    cfg = C.tiny_mllm(lm=lm)
-    params = {"lm": llada.init_lm_params(jax.random.key(0), lm)}
-    g = FLAGS.grid
-    geom = ImageGeometry((64, 64), 5, 8, (2, 2), (64, 64), (0, g, 0, g), (g, g), False)
-    P = FLAGS.text_tokens + geom.num_image_tokens
-    layout = mllm.image_layout(geom, FLAGS.text_tokens // 2)
+    b = _lm_bench.build()
+    lm, cfg, params, geom, layout, emb, P = b.lm, b.cfg, b.params, b.geom, b.layout, b.emb, b.P
     pos = np.asarray(layout.positions())  # [H, W] sequence positions of the explained view
-    emb = 0.02 * jax.random.normal(jax.random.key(1), (P, lm.d_model), jnp.float32)
-    rng = np.random.default_rng(0)
-    G, T, L = FLAGS.answer_len, FLAGS.targets, FLAGS.layer
-    answer = rng.integers(0, V - 8, G).astype(np.int32)
-    commit = (rng.permutation(G) // 2).astype(np.int32)
-    targets = list(range(T))
+    V, G, T, L = FLAGS.vocab, FLAGS.answer_len, FLAGS.targets, FLAGS.layer
+    answer, commit, targets = b.answer, b.commit, b.targets
     base = ex.CamConfig(method="hirescam", layer=L, refine="none", batch_size=FLAGS.batch_size, attention="full")
 
     def jax_maps(probe, tg):

@@ -29,3 +29,10 @@ def test_torch_reference_checks_parity_and_prints_ratios():
 def test_explain_memory_runs():
     out = _run("explain_memory.py", "--sizes=64x64,200x120")
     assert "200x120" in out and "peak MB" in out
+
+
+@pytest.mark.slow
+def test_explain_benchmark_runs():
+    out = _run("explain.py", "--d_model=64", "--n_layers=3", "--n_heads=2", "--mlp_hidden=128", "--vocab=256",
+               "--grid=4", "--answer_len=8", "--targets=4", "--repeats=1")
+    assert "speedup of one call over one call per token" in out and "noise x4 cost relative to x1" in out
