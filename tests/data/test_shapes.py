@@ -314,7 +314,8 @@ def test_objects_lie_fully_inside_the_image():
             reach = S.SHAPE_EXTENT[e.shapes[k]] * e.radii[k]
             assert reach - 1e-4 <= e.centres_yx[k][0] <= n - reach + 1e-4
             assert reach - 1e-4 <= e.centres_yx[k][1] <= n - reach + 1e-4
-            lo, hi = config.radius_range[0] * n, config.radius_range[1] * n
+            side = n if e.letterbox is None else min(e.letterbox[2:])
+            lo, hi = config.radius_range[0] * side, config.radius_range[1] * side
             assert lo - 1e-4 <= e.radii[k] <= hi + 1e-4
 
 
@@ -417,9 +418,11 @@ def test_related_pairs_stay_off_the_diagonals(name):
 @pytest.mark.parametrize("name", ["default", "hard"])
 def test_sizes_split_the_radius_range(name):
     config, examples = _examples(name, 60)
-    lo, hi = config.radius_range[0] * config.image_size, config.radius_range[1] * config.image_size
-    middle = 0.5 * (lo + hi)
     for e in examples:
+        # Sizes are relative to the scene: the whole image, or a letterbox band's short side.
+        side = config.image_size if e.letterbox is None else min(e.letterbox[2:])
+        lo, hi = config.radius_range[0] * side, config.radius_range[1] * side
+        middle = 0.5 * (lo + hi)
         for size, radius in zip(e.sizes, e.radii):
             assert (size == "large") == (radius > middle)
             if config.size_words:  # the two sizes keep a gap of 20% of the range
@@ -806,6 +809,10 @@ def test_letterbox_bands_hold_every_object_and_bars_are_pad_grey():
         assert not np.any((e.label_map > 0) & ~band) and not np.any(e.clutter_mask & ~band)
         assert np.all(e.image[~band] == S.LETTERBOX_FILL)
         assert e.num_objects >= 1
+        # The scene shrinks with its band, as a padded non-square picture does.
+        side = min(h, w)
+        lo, hi = config.radius_range[0] * side, config.radius_range[1] * side
+        assert np.all((e.radii >= lo - 1e-4) & (e.radii <= hi + 1e-4)), (e.radii, lo, hi)
     assert orientations == {True, False}
 
 

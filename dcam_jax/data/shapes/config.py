@@ -19,7 +19,8 @@ class ShapesConfig:
         at most 8). A layout that cannot place an object after ``max_placement_tries`` drops it.
       shapes: the shapes to draw from (subset of SHAPES).
       colours: the colours to draw from (subset of COLOUR_NAMES).
-      radius_range: (min, max) object radius as a fraction of image_size (0.15 at 64 px = 9.6 px).
+      radius_range: (min, max) object radius as a fraction of image_size, or of a letterbox
+        band's short side (0.15 at 64 px = 9.6 px).
       size_words: name each object's size ('small'/'large') in the caption; radii are then drawn
         from the lower or upper 40% of radius_range so the two sizes never touch.
       distinct_colours / distinct_shapes: no two objects of an image share a colour / a shape, so
@@ -52,8 +53,9 @@ class ShapesConfig:
       blur_prob: probability of a Gaussian blur of the finished image (sigma 0.3 to 0.8 px).
       jpeg_prob: probability that the finished image goes through JPEG (quality 35 to 90).
       letterbox_prob: probability that the scene covers only a centred band of the image (55%
-        to 90% of one side, objects placed inside it) and the rest is LETTERBOX_FILL grey: what
-        the processor's pad layout makes of a non-square picture.
+        to 90% of one side) and the rest is LETTERBOX_FILL grey: what the processor's pad layout
+        makes of a non-square picture. The scene is drawn inside the band with radii that are
+        ``radius_range`` fractions of the band's short side, so its objects shrink with it.
     """
 
     image_size: int = 64
@@ -83,7 +85,7 @@ class ShapesConfig:
     antialias_prob: float = 0.5
     blur_prob: float = 0.2
     jpeg_prob: float = 0.25
-    letterbox_prob: float = 0.2
+    letterbox_prob: float = 0.3
 
     def __post_init__(self):
         _validate_config(self)

@@ -77,7 +77,10 @@ def _place_objects(rng: np.random.Generator, c: ShapesConfig, count: int,
     texture_kind = (draws[:, 3] * len(c.textures)).astype(np.int64).tolist()
     tex_phase = draws[:, 4].tolist()
     tex_orient = (draws[:, 5] * 4).astype(np.int64).tolist()
-    r_lo, r_hi = c.radius_range[0] * n, c.radius_range[1] * n
+    # Radii are fractions of the scene's short side: a letterboxed scene is a whole scene shrunk
+    # into its band, as the processor's pad layout shrinks a non-square picture.
+    side = min(box_h, box_w)
+    r_lo, r_hi = c.radius_range[0] * side, c.radius_range[1] * side
     tries = c.max_placement_tries
     # Later attempts favour smaller radii so that crowded layouts still fit.
     shrink = _shrink_schedule(tries)

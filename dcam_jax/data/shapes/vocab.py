@@ -12,7 +12,7 @@ import numpy as np
 
 # Bump when make_example's output for a given (seed, config) changes; the TFDS builder's version
 # follows it, so data written by an older generator is never silently mixed with new data.
-GENERATOR_VERSION = "2.0.0"
+GENERATOR_VERSION = "2.1.0"
 
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
