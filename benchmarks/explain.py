@@ -25,6 +25,7 @@ from absl import flags
 
 import _lm_bench
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 
 FLAGS = flags.FLAGS
@@ -40,10 +41,10 @@ def main(argv):
     lm, cfg, params, geom, layout, emb, P = b.lm, b.cfg, b.params, b.geom, b.layout, b.emb, b.P
     V, G, T = FLAGS.vocab, FLAGS.answer_len, FLAGS.targets
     answer, commit, targets = b.answer, b.commit, b.targets
-    base = ex.CamConfig(layer=lm.n_layers // 3, refine="none", batch_size=FLAGS.batch_size, attention="full")
+    base = cam_config.CamConfig(layer=lm.n_layers // 3, refine="none", batch_size=FLAGS.batch_size, attention="full")
 
     def run(cam, tg):
-        return ex.raw_token_maps(params, cfg, cam, emb, layout, answer, tg, commit_step=commit,
+        return ex.raw_token_maps(params, cfg, cam_config.resolve(cam, cfg), emb, layout, answer, tg, commit_step=commit,
                                  key=jax.random.key(2))[0]
 
     clean = dataclasses.replace(base, probe="clean")

@@ -31,6 +31,7 @@ from absl import flags
 
 import _lm_bench
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +53,13 @@ def main(argv):
     pos = np.asarray(layout.positions())  # [H, W] sequence positions of the explained view
     V, G, T, L = FLAGS.vocab, FLAGS.answer_len, FLAGS.targets, FLAGS.layer
     answer, commit, targets = b.answer, b.commit, b.targets
-    base = ex.CamConfig(method="hirescam", layer=L, refine="none", batch_size=FLAGS.batch_size, attention="full")
+    base = cam_config.CamConfig(method="hirescam", layer=L, refine="none", batch_size=FLAGS.batch_size,
+                                attention="full")
 
     def jax_maps(probe, tg):
         cam = dataclasses.replace(base, probe=probe)
-        return ex.raw_token_maps(params, cfg, cam, emb, layout, answer, tg, commit_step=commit)[0]
+        return ex.raw_token_maps(params, cfg, cam_config.resolve(cam, cfg), emb, layout, answer, tg,
+                                 commit_step=commit)[0]
 
     decision_states = attr.decision_states(answer, commit, targets, lm.mask_id)  # [T, G]
     states = {"clean": np.repeat(answer[None], T, 0), "decision": decision_states}

@@ -16,7 +16,8 @@ Lower level: ``dj.models`` (pure forward functions), ``dj.cam`` (attribution, re
 from dcam_jax import models
 from dcam_jax.api import (Generation, Model, SamplingConfig, explain, explain_trajectory, generate, load_pretrained,
                           prepare)
-from dcam_jax.cam.explain import CamConfig, Explanation, TrajectoryExplanation, paper, reference_compat
+from dcam_jax.cam.config import CamConfig, paper, reference_compat
+from dcam_jax.cam.explain import Explanation, TrajectoryExplanation
 from dcam_jax.checkpoint import load_checkpoint, save_checkpoint
 from dcam_jax.models.config import LMConfig, MLLMConfig, VisionConfig
 

@@ -19,7 +19,10 @@ import numpy as np
 
 from dcam_jax import checkpoint as ckpt
 from dcam_jax import sampling as gen
+from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
+from dcam_jax.cam import targets as cam_targets
 from dcam_jax.cam import methods
 from dcam_jax.models import mllm
 from dcam_jax.models.config import MLLMConfig
@@ -186,7 +189,7 @@ def _valid_length(tokens: np.ndarray, stop_ids: Sequence[int]) -> int:
 
 
 def explain(model: Model, image, prompt: str | None = None, *, answer: str | Sequence[int] | None = None,
-            targets: Any = "all", config: ex.CamConfig | None = None, key: jax.Array | None = None,
+            targets: Any = "all", config: cam_config.CamConfig | None = None, key: jax.Array | None = None,
             sampling: SamplingConfig | None = None, generation: Generation | None = None) -> ex.Explanation:
     """Explain the answer tokens of ``model`` for ``image`` and ``prompt`` with one heat map per target.
 
@@ -196,7 +199,7 @@ def explain(model: Model, image, prompt: str | None = None, *, answer: str | Seq
     config: a :class:`CamConfig` (default: Diffusion-CAM). key: PRNG key for sampling and noise probes.
     Returns an :class:`~dcam_jax.cam.explain.Explanation` (maps [T, H, W] in [0, 1]).
     """
-    cam = ex.resolve(config or ex.CamConfig(), model.config)
+    cam = cam_config.resolve(config or cam_config.CamConfig(), model.config)
     key = jax.random.key(0) if key is None else key
     gkey, nkey = jax.random.split(key)
     pre = prepare(model, image, prompt)
@@ -228,7 +231,7 @@ def explain(model: Model, image, prompt: str | None = None, *, answer: str | Seq
 
 
 def explain_trajectory(model: Model, image, prompt: str | None = None, *, targets: Any = "content",
-                       config: ex.CamConfig | None = None, num_states: int = 8, key: jax.Array | None = None,
+                       config: cam_config.CamConfig | None = None, num_states: int = 8, key: jax.Array | None = None,
                        sampling: SamplingConfig | None = None,
                        generation: Generation | None = None) -> ex.TrajectoryExplanation:
     """Each target's map at ``num_states`` states along the denoising trajectory, from the all-masked start to the
@@ -240,7 +243,7 @@ def explain_trajectory(model: Model, image, prompt: str | None = None, *, target
       sub-tokens are averaged state by state, and the steps and state texts are those of its first sub-token.
     Returns a :class:`~dcam_jax.cam.explain.TrajectoryExplanation` (maps [T, K, H, W], steps [T, K]).
     """
-    cam = ex.resolve(config or ex.CamConfig(), model.config)
+    cam = cam_config.resolve(config or cam_config.CamConfig(), model.config)
     if not methods.get(cam.method).has_states:
         raise ValueError(f"method {cam.method!r} is gradient-free and has no probe states; use a gradient method")
     if not isinstance(num_states, (int, np.integer)) or num_states < 1:
@@ -251,7 +254,7 @@ def explain_trajectory(model: Model, image, prompt: str | None = None, *, target
     pre = prepare(model, image, prompt)
     g = generation if generation is not None else generate(model, image, prompt, key=gkey, sampling=sampling,
                                                            prepared=pre)
-    labels = ex.resolve_targets(targets, g.token_strings, g.num_valid)
+    labels = cam_targets.resolve_targets(targets, g.token_strings, g.num_valid)
     flat = sorted({p for _, ps in labels for p in ps})
     index = {p: i for i, p in enumerate(flat)}
     valid = np.arange(len(g.tokens)) < g.num_valid
@@ -260,9 +263,9 @@ def explain_trajectory(model: Model, image, prompt: str | None = None, *, target
     maps = np.asarray(maps)  # [len(flat), K, H, W]
     words = np.stack([maps[[index[p] for p in ps]].mean(0) for _, ps in labels])  # [T, K, H, W]
     T, K, H, W = words.shape
-    norm = np.asarray(ex.attr.normalize_maps(jnp.asarray(words.reshape(T * K, H, W)))).reshape(T, K, H, W)
+    norm = np.asarray(attr.normalize_maps(jnp.asarray(words.reshape(T * K, H, W)))).reshape(T, K, H, W)
     first = [ps[0] for _, ps in labels]
-    steps = ex.attr.trajectory_steps(g.commit_step, first, K)  # [T, K]
+    steps = attr.trajectory_steps(g.commit_step, first, K)  # [T, K]
     commit = np.asarray(g.commit_step)
     texts = [["".join(s if commit[i] < st else " [MASK]" for i, s in enumerate(g.token_strings[:g.num_valid])).strip()
               for st in row] for row in steps]
@@ -273,11 +276,15 @@ def explain_trajectory(model: Model, image, prompt: str | None = None, *, target
 
 
 def explain_prepared(model: Model, pre: Prepared, tokens: np.ndarray, strings: Sequence[str], n_valid: int,
-                     targets, cam: ex.CamConfig, *, commit_step=None, num_steps=None, key=None,
+                     targets, cam: cam_config.CamConfig, *, commit_step=None, num_steps=None, key=None,
                      text: str = "") -> ex.Explanation:
-    """Array-level explanation of an answer whose prompt has been prepared (see :func:`explain`)."""
-    cam = ex.resolve(cam, model.config)
-    labels = ex.resolve_targets(targets, strings, n_valid)
+    """Array-level explanation of an answer whose prompt has been prepared (see :func:`explain`).
+
+    cam: a resolved CamConfig (``dcam_jax.cam.config.resolve``); tokens: [G] answer ids; strings: their G decoded
+    strings; n_valid: the answer's length before its stop token; commit_step: [G] or None.
+    """
+    cam_config.require_resolved(cam, "explain_prepared")
+    labels = cam_targets.resolve_targets(targets, strings, n_valid)
     flat = sorted({p for _, ps in labels for p in ps})
     index = {p: i for i, p in enumerate(flat)}
     valid = np.arange(len(tokens)) < n_valid
@@ -290,7 +297,7 @@ def explain_prepared(model: Model, pre: Prepared, tokens: np.ndarray, strings: S
     # a word made of several sub-tokens: average its sub-tokens' raw maps (like averaging probe states)
     raw = np.stack([maps[[index[p] for p in ps]].mean(0) for _, ps in labels])
     word_scores = np.asarray([scores[[index[p] for p in ps]].mean() for _, ps in labels])
-    raw_n = np.asarray(ex.attr.normalize_maps(jnp.asarray(raw)))
+    raw_n = np.asarray(attr.normalize_maps(jnp.asarray(raw)))
     if num_steps is None:  # a given answer: AKD's adaptive kernel uses the model's default number of steps
         d = default_sampling(model.config)
         num_steps = d.steps or d.gen_length

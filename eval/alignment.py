@@ -30,6 +30,8 @@ import numpy as np
 from absl import app, flags
 
 from dcam_jax import fileio
+from eval import config as eval_config
+from eval import sources
 from eval import run as run_lib
 
 
@@ -37,7 +39,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """Define the flags of ``python -m eval.alignment`` on ``fv``."""
     f = dict(flag_values=fv)
     flags.DEFINE_string("checkpoint", "toy", "'toy' (the embedded model) or a converted checkpoint directory.", **f)
-    flags.DEFINE_enum("dataset", "shapes", list(run_lib.DATASETS), "Where the images come from (as eval.run).", **f)
+    flags.DEFINE_enum("dataset", "shapes", list(eval_config.DATASETS), "Where the images come from (as eval.run).", **f)
     flags.DEFINE_string("data_dir", None, "Data directory for coco / grandf (as eval.run).", **f)
     flags.DEFINE_string("split", "test", "ShapesWorld split, or the COCO / GranDf split name (as eval.run).", **f)
     flags.DEFINE_integer("num_examples", 20, "Images to use.", **f)
@@ -57,7 +59,7 @@ def measure(model, source, indices, layers, *, max_words: int = 8, progress: boo
 
     from dcam_jax import api
     from dcam_jax.cam import attribution as attr
-    from dcam_jax.cam import explain as ex
+    from dcam_jax.cam import targets as cam_targets
 
     cfg = model.config
     out: dict[int, list] = {L: [] for L in layers}
@@ -65,7 +67,8 @@ def measure(model, source, indices, layers, *, max_words: int = 8, progress: boo
         item = source.item(i)
         pre = api.prepare(model, item.image, item.prompt)
         g = api.generate(model, item.image, item.prompt, key=jax.random.fold_in(jax.random.key(0), i), prepared=pre)
-        words = [(w, ps) for w, ps in ex.group_words(g.token_strings[:g.num_valid]) if ex.is_content_word(w)]
+        words = [(w, ps) for w, ps in cam_targets.group_words(g.token_strings[:g.num_valid])
+                 if cam_targets.is_content_word(w)]
         img = jnp.asarray(pre.layout.positions(pre.layout.default_view))
         tokens = np.asarray(g.tokens, np.int32)
         for w, ps in words[:max_words]:
@@ -108,10 +111,10 @@ def main(argv):
     F = flags.FLAGS
     if F.num_examples < 1 or F.max_words < 1:
         raise app.UsageError("--num_examples and --max_words must be >= 1")
-    cfg = run_lib.RunConfig(checkpoint=F.checkpoint, out_dir="(none)", dataset=F.dataset, data_dir=F.data_dir,
+    cfg = eval_config.RunConfig(checkpoint=F.checkpoint, out_dir="(none)", dataset=F.dataset, data_dir=F.data_dir,
                             split=F.split, num_examples=F.num_examples, dtype=F.dtype)
     try:
-        run_lib.validate(cfg)
+        eval_config.validate(cfg)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     model = run_lib.load_model(cfg)
@@ -123,7 +126,7 @@ def main(argv):
     bad = [L for L in layers if not 0 <= L < n_layers]
     if bad:
         raise app.UsageError(f"--layers {bad}: the model has blocks 0..{n_layers - 1}")
-    source = run_lib.open_source(cfg)
+    source = sources.open_source(cfg)
     result = measure(model, source, range(min(F.num_examples, len(source))), layers, max_words=F.max_words,
                      progress=F.progress)
     print(table(result))

@@ -38,7 +38,7 @@ def main(argv):
 
     import dcam_jax as dj
     from dcam_jax import api, viz
-    from dcam_jax.cam import explain as ex
+    from dcam_jax.cam import targets as cam_targets
     from dcam_jax.data import shapes
 
     try:
@@ -56,7 +56,7 @@ def main(argv):
         example = shapes.make_example(shapes.split_seed(FLAGS.split, i), cfg)
         pre = api.prepare(model, example.image, None)
         g = dj.generate(model, example.image, None, key=jax.random.key(FLAGS.seed), prepared=pre)
-        words = ex.group_words(g.token_strings[:g.num_valid])
+        words = cam_targets.group_words(g.token_strings[:g.num_valid])
         chosen = []
         for w, _ in words:
             hits = [k for k, (c, s) in enumerate(zip(example.colours, example.shapes)) if w in (c, s)]

@@ -20,7 +20,8 @@ from eval.store import CachedGeneration, GenerationCache
 
 def cam_config_for(method: str, cfg: RunConfig):
     """The CamConfig of a gradient method or TAM under the run's overrides (None for pseudo-methods)."""
-    from dcam_jax.cam import explain as ex
+    from dcam_jax.cam import config as cam_config
+    from dcam_jax.cam import targets as cam_targets
     from dcam_jax.cam import methods
 
     if method in PSEUDO_METHODS:
@@ -38,7 +39,7 @@ def cam_config_for(method: str, cfg: RunConfig):
             kw["num_noise_samples"] = cfg.num_noise_samples
         if cfg.num_trajectory_states is not None:
             kw["num_trajectory_states"] = cfg.num_trajectory_states
-    return ex.CamConfig(**kw)
+    return cam_config.CamConfig(**kw)
 
 
 def method_key(key, method: str):
@@ -111,7 +112,7 @@ def process_example(ctx: Context, index: int) -> tuple[list[dict], dict, Optiona
     import jax
 
     from dcam_jax import api
-    from dcam_jax.cam import explain as ex
+    from dcam_jax.cam import targets as cam_targets
     from dcam_jax.data.coco import SkipImage
 
     cfg = ctx.cfg
@@ -131,7 +132,7 @@ def process_example(ctx: Context, index: int) -> tuple[list[dict], dict, Optiona
         gen = CachedGeneration(g.text, np.asarray(g.tokens), list(g.token_strings), int(g.num_valid),
                                np.asarray(g.commit_step), int(g.num_steps))
         ctx.cache.put(item.example_id, gen)
-    words = ex.group_words(gen.token_strings[:gen.num_valid]) if gen.num_valid else []
+    words = cam_targets.group_words(gen.token_strings[:gen.num_valid]) if gen.num_valid else []
     infos = ctx.source.words(item, words)
     explain = [w for w in infos if w.role == "object" or (w.role == "function" and cfg.func_iou)
                or cfg.targets == "all"]

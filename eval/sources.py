@@ -67,7 +67,7 @@ class WordInfo:
 
 # TAM's function words (scored by Func-IoU) are POS tags CC, DT, EX, MD, POS, PRP, PRP$, UH, WDT, WP, WP$, WRB;
 # without a tagger we list the closed-class words of those tags. (What explain leaves out by default is another
-# list: dcam_jax.cam.explain.STOP_WORDS.)
+# list: dcam_jax.cam.targets.STOP_WORDS.)
 TAM_FUNCTION_WORDS = frozenset(
     "and or but nor yet so either neither both a an the this that these those some any each every no another all "
     "there can could may might must shall should will would 's i me you he him she her it we us they them myself "
@@ -172,7 +172,7 @@ def shapes_word_infos(example, words: Sequence[tuple[str, tuple[int, ...]]]) -> 
     objects that agree with most of them; a remaining tie keeps all tied objects (their masks are united in
     matched mode). A word whose attribute no object has is "hallucinated".
 
-    words: [(word, positions)] from dcam_jax.cam.explain.group_words. Returns one WordInfo per word.
+    words: [(word, positions)] from dcam_jax.cam.targets.group_words. Returns one WordInfo per word.
     """
     from dcam_jax.data import shapes
 
@@ -270,7 +270,7 @@ class GroundedSource:
         (COCO: matched through the category synonym table, "absent" when the category is not in the mask,
         "unmatched" when the word names no category; GranDf: matched to the phrases containing the word), the
         rest unscored."""
-        from dcam_jax.cam import explain as ex
+        from dcam_jax.cam.targets import is_content_word
         from dcam_jax.data import coco
 
         strs = [w for w, _ in words]
@@ -281,7 +281,7 @@ class GroundedSource:
                 out.append(WordInfo(k, w, pos, "other", "punctuation", "unscored"))
             elif lw in TAM_FUNCTION_WORDS or w.lower() in TAM_FUNCTION_WORDS:
                 out.append(WordInfo(k, w, pos, "function", "function", "function"))
-            elif not ex.is_content_word(w):
+            elif not is_content_word(w):
                 out.append(WordInfo(k, w, pos, "other", "other", "unscored"))
             elif self.name == "coco":
                 cat, objs = self.reader.objects_for_word(_as_grounded(item), strs, k)

@@ -8,6 +8,7 @@ import pytest
 
 import dcam_jax as dj
 from dcam_jax import api
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 
 IMG = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -126,13 +127,13 @@ def test_default_layer_is_the_models_cam_layer_else_a_third_of_depth(tiny_model)
     cfg = tiny_model.config
     n = cfg.lm.n_layers
     assert cfg.cam_layer is None
-    assert ex.resolve(dj.CamConfig(), cfg).layer == n // 3
-    assert ex.resolve(dj.CamConfig(method="tam"), cfg).layer == n - 1
+    assert cam_config.resolve(dj.CamConfig(), cfg).layer == n // 3
+    assert cam_config.resolve(dj.CamConfig(method="tam"), cfg).layer == n - 1
     chosen = cfg.replace(cam_layer=n - 1)
     for method in ("diffusion_cam", "paper", "hirescam", "gradcam"):
-        assert ex.resolve(dj.CamConfig(method=method), chosen).layer == n - 1
-    assert ex.resolve(dj.CamConfig(method="tam"), chosen).layer == n - 1
-    assert ex.resolve(dj.CamConfig(layer=0), chosen).layer == 0  # an explicit layer wins
+        assert cam_config.resolve(dj.CamConfig(method=method), chosen).layer == n - 1
+    assert cam_config.resolve(dj.CamConfig(method="tam"), chosen).layer == n - 1
+    assert cam_config.resolve(dj.CamConfig(layer=0), chosen).layer == 0  # an explicit layer wins
     for bad in (n, -1, True, 1.0):
         with pytest.raises(ConfigError, match="cam_layer"):
             cfg.replace(cam_layer=bad)
@@ -141,7 +142,7 @@ def test_default_layer_is_the_models_cam_layer_else_a_third_of_depth(tiny_model)
 def test_shipped_toy_model_records_the_layer_the_protocol_chose():
     # docs/explanation_quality.md: block 0 beat block 1 (n_layers // 3) on validation Obj-IoU, pointing not lower
     m = dj.load_pretrained("toy")
-    assert m.config.cam_layer == 0 and ex.resolve(dj.CamConfig(), m.config).layer == 0
+    assert m.config.cam_layer == 0 and cam_config.resolve(dj.CamConfig(), m.config).layer == 0
 
 
 @pytest.mark.parametrize("field,value,names", [
@@ -164,14 +165,14 @@ def test_unknown_refine_preset_names_the_presets(tiny_model, generation):
 
 
 def test_presets_fix_their_documented_fields():
-    assert ex.preset_fields("diffusion_cam") == dict(
+    assert cam_config.preset_fields("diffusion_cam") == dict(
         probe="decision", score="logprob", contrast="none", grad_relu=False, hook="residual",
         grad_rule="conservative", aggregation="gxa", refine="default")
-    assert {k: ex.preset_fields("paper")[k] for k in ("probe", "grad_rule", "aggregation", "refine")} == dict(
+    assert {k: cam_config.preset_fields("paper")[k] for k in ("probe", "grad_rule", "aggregation", "refine")} == dict(
         probe="decision", grad_rule="standard", aggregation="gradcam", refine="full")
-    assert {k: ex.preset_fields("hirescam")[k] for k in ("grad_rule", "aggregation", "refine")} == dict(
+    assert {k: cam_config.preset_fields("hirescam")[k] for k in ("grad_rule", "aggregation", "refine")} == dict(
         grad_rule="standard", aggregation="gxa", refine="none")
-    r = ex.preset_fields("reference_compat")
+    r = cam_config.preset_fields("reference_compat")
     assert (r["probe"], r["score"], r["contrast"], r["aggregation"], r["grad_relu"], r["refine"]) == (
         "clean", "vocab_sum", "previous", "channel_relu_mean", True, "reference_compat")
     assert dj.paper() == dj.CamConfig(method="paper") and dj.reference_compat().method == "reference_compat"

@@ -1,167 +1,24 @@
-"""Explanations of answer tokens: method presets, probe states, raw maps, refinement, and the result object.
+"""Explanations of answer tokens at the array level: raw maps of a resolved CamConfig's probe states (gradient
+methods) or TAM's logit maps, and the result objects :class:`Explanation` and :class:`TrajectoryExplanation`.
 
-``CamConfig`` chooses a method and its knobs; :func:`explain_answer` works on arrays that the host already
-prepared (prompt embeddings with the image spliced in, the ImageLayout, the answer and its trajectory) and
-returns an :class:`Explanation`. The user-facing ``dcam_jax.explain(model, image, prompt)`` wraps it.
+The user-facing ``dcam_jax.explain(model, image, prompt)`` prepares the arrays (prompt embeddings with the image
+spliced in, the ImageLayout, the answer and its trajectory), resolves the CamConfig once and calls these.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam.config import CamConfig, require_resolved
 from dcam_jax.models import llada
 from dcam_jax.models.config import MLLMConfig
 from dcam_jax.models.mllm import ImageLayout
-
-PROBES = ("decision", "trajectory", "noise", "clean", "final")
-
-
-@dataclasses.dataclass(frozen=True)
-class CamConfig:
-    """How to explain answer tokens.
-
-    Attributes:
-      method: "diffusion_cam" (default: decision probe, conservative gradients, per-token gradient x activation,
-        the default refinement), "paper" (the paper's formulas as written: standard gradients, channel-weighted
-        Grad-CAM, the full refinement chain), "reference_compat" (the authors' released code), "gradcam" (the
-        authors' Grad-CAM baseline), "llava_cam", "tam", "layercam", "gradcam_pp", "hirescam". Fields left as None
-        take the method's preset (see :func:`resolve`); anything set explicitly wins.
-      layer: hooked block index L (None: :func:`default_layer`: the model's ``cam_layer``, chosen by the protocol
-        of SPEC 4.6, else n_layers // 3, i.e. 10 of 32; TAM: the last block).
-      probe: "decision" (the state just before the token was committed), "trajectory" (``num_trajectory_states``
-        states evenly spaced from the start of generation to the decision state, averaged), "noise" (K random
-        re-maskings of the final answer, the target always masked), "clean" (the final answer, teacher-forced),
-        "final" (the state before the last denoising step; the authors' Grad-CAM baseline).
-      attention: "full" or "prefix_lm"; None: the model's native attention.
-      score: "logprob", "logit", "max_logit", "vocab_sum", "sum_logits" (see attribution.GradSpec).
-      contrast: "none", "runner_up", or an int answer position whose token is subtracted.
-      num_noise_samples / noise_ratios: for probe "noise" (ratios default to an even grid inside (0, 1)).
-      num_trajectory_states: for probe "trajectory" (K >= 1 states; K = 1 is the decision state).
-      view: "highres" or "base" (the base view of any-resolution layouts); None: high-res when present.
-      grad_rule: "standard", "conservative_norm" or "conservative" (see attribution; the backward pass only).
-      aggregation: "gxa", "gradcam", "layercam", "gradcam_pp", "channel_relu_mean" (see attribution).
-      grad_relu, hook: see attribution.
-      refine: a RefineConfig, a preset name of ``refine.PRESET_NAMES`` ("default", "full", "none", "akd", ...),
-        or None for the method's default.
-      threshold: after max-normalisation, values below it set to 0 (LLaVA-CAM 0.5); None for none.
-      batch_size: probe states per vmapped chunk (bounds memory on large models).
-    """
-
-    method: str = "diffusion_cam"
-    layer: int | None = None
-    probe: str | None = None
-    attention: str | None = None
-    score: str | None = None
-    contrast: Any = None
-    num_noise_samples: int = 4
-    noise_ratios: tuple[float, ...] | None = None
-    num_trajectory_states: int = 4
-    view: str | None = None
-    grad_rule: str | None = None
-    aggregation: str | None = None
-    grad_relu: bool | None = None
-    hook: str | None = None
-    refine: Any = None
-    threshold: float | None = None
-    batch_size: int = 8
-
-    def __post_init__(self):
-        from dcam_jax.cam import methods
-
-        methods.get(self.method)  # an unknown name raises, listing the registered ones
-        if self.probe is not None and self.probe not in PROBES:
-            raise ValueError(f"probe={self.probe!r}; expected one of {PROBES}")
-        if self.grad_rule is not None and self.grad_rule not in attr.GRAD_RULES:
-            raise ValueError(f"grad_rule={self.grad_rule!r}; expected one of {attr.GRAD_RULES}")
-        if self.aggregation is not None and self.aggregation not in attr.AGGREGATIONS:
-            raise ValueError(f"aggregation={self.aggregation!r}; expected one of {attr.AGGREGATIONS}")
-        if self.hook is not None and self.hook not in attr.HOOKS:
-            raise ValueError(f"hook={self.hook!r}; expected one of {attr.HOOKS}")
-        if self.score is not None and self.score not in attr.SCORES:
-            raise ValueError(f"score={self.score!r}; expected one of {attr.SCORES}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
-        if self.num_noise_samples < 1 or self.num_trajectory_states < 1:
-            raise ValueError(f"num_noise_samples={self.num_noise_samples} and num_trajectory_states="
-                             f"{self.num_trajectory_states} must be >= 1")
-        if self.noise_ratios is not None:
-            r = tuple(float(x) for x in self.noise_ratios)
-            if not r or any(not 0.0 <= x < 1.0 for x in r):
-                raise ValueError(f"noise_ratios={self.noise_ratios} must be a non-empty list of values in [0, 1)")
-            object.__setattr__(self, "noise_ratios", r)
-
-
-def __getattr__(name):
-    if name == "METHODS":  # the registered method names (dcam_jax.cam.methods owns them)
-        from dcam_jax.cam import methods
-
-        return methods.names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def preset_fields(method: str) -> dict:
-    """The fields a method's preset fixes (a copy), e.g. ``preset_fields("diffusion_cam")["grad_rule"]``."""
-    from dcam_jax.cam import methods
-
-    return dict(methods.get(method).preset)
-
-
-def reference_compat() -> CamConfig:
-    """The authors' released Diffusion-CAM behaviour (SPEC 4.5): clean teacher-forced forward, vocab-sum score
-    contrasted with the previous answer token, ReLU on gradients, mean of per-channel ReLU, and the
-    ``reference_compat`` refinement (k = 3, DACG a no-op, SICD always on). Never the default.
-    The same as ``CamConfig(method="reference_compat")``."""
-    return CamConfig(method="reference_compat")
-
-
-def paper() -> CamConfig:
-    """The paper's formulas as written: decision probe, standard gradients, channel-weighted Grad-CAM, the full
-    AKD -> DACG -> CBA -> SICD chain with the paper's constants. The same as ``CamConfig(method="paper")``."""
-    return CamConfig(method="paper")
-
-
-def default_layer(method: str, config: MLLMConfig) -> int:
-    """The hooked block of ``method`` when none is given: the last block for methods registered with
-    ``layer="last"`` (TAM); otherwise the model's ``cam_layer`` (chosen on ground truth for that model) or else
-    n_layers // 3."""
-    from dcam_jax.cam import methods
-
-    if methods.get(method).layer == "last":
-        return config.lm.n_layers - 1
-    return config.cam_layer if config.cam_layer is not None else config.lm.n_layers // 3
-
-
-def resolve(cam: CamConfig, config: MLLMConfig) -> CamConfig:
-    """Fill every None field of ``cam`` from its method's preset and the model config."""
-    preset = preset_fields(cam.method)
-    changes = {k: v for k, v in preset.items() if getattr(cam, k) is None}
-    if cam.layer is None:
-        changes["layer"] = default_layer(cam.method, config)
-    if cam.attention is None and "attention" not in changes:
-        changes["attention"] = config.attention
-    out = dataclasses.replace(cam, **changes)
-    attr.check_layer(out.layer, config)
-    if out.contrast not in ("none", "runner_up", "previous") and not isinstance(out.contrast, (int, np.integer)):
-        raise ValueError(f"contrast={out.contrast!r}; expected 'none', 'runner_up', 'previous' or an answer position")
-    return out
-
-
-def refine_config(cam: CamConfig):
-    """The RefineConfig of a CamConfig (its ``refine`` field, or the method's preset)."""
-    from dcam_jax.cam import refine as rf
-
-    r = cam.refine
-    if r is None:
-        r = preset_fields(cam.method).get("refine", "none")
-    return rf.refine_preset(r) if isinstance(r, str) else r
-
 
 # ----------------------------------------------------------------------------------------------------------
 # the result
@@ -301,16 +158,54 @@ def _contrast_for(cam: CamConfig, targets: np.ndarray, answer: np.ndarray):
     return "position", cpos, answer[cpos].astype(np.int32)
 
 
+def _probe_states(cam: CamConfig, answer: np.ndarray, targets: np.ndarray, commit_step, key, mask_id: int):
+    """The answer states the gradients are taken at: (states [S, G], K, shared). ``shared``: one state serves
+    every target (probes "clean" and "final", S = 1); else S = T * K with row t * K + k the k-th state of target
+    t (K = 1 for "decision")."""
+    if cam.probe == "clean":
+        return answer[None], 1, True
+    if cam.probe == "final":
+        if commit_step is None:
+            raise ValueError("probe='final' needs the generation trajectory (commit_step); generate the answer "
+                             "with dcam_jax.generate or use probe='clean'")
+        last = int(np.max(commit_step))
+        return np.where(np.asarray(commit_step) < last, answer, mask_id)[None], 1, True
+    if cam.probe in ("decision", "trajectory") and commit_step is None:
+        raise ValueError(f"probe={cam.probe!r} needs the generation trajectory (commit_step): let explain() "
+                         "generate the answer (or pass generation=...), or use probe='noise' or 'clean' for a "
+                         "given answer")
+    if cam.probe == "decision":
+        return attr.decision_states(answer, commit_step, targets, mask_id), 1, False
+    if cam.probe == "trajectory":
+        states = attr.trajectory_states(answer, commit_step, targets, cam.num_trajectory_states, mask_id)
+    else:  # noise: K partially re-masked states per target
+        if key is None:
+            raise ValueError("probe='noise' needs a PRNG key (key=jax.random.key(0))")
+        ratios = cam.noise_ratios or attr.default_noise_ratios(cam.num_noise_samples)
+        states = attr.noise_states(answer, targets, ratios, key, mask_id)
+    T, K, G = states.shape
+    return states.reshape(T * K, G), K, False
+
+
+def _pad_rows(x, axis: int, n: int) -> jax.Array:
+    """``x`` extended to length ``n`` along ``axis`` by repeating its last entry."""
+    x = np.asarray(x)
+    if x.shape[axis] == n:
+        return jnp.asarray(x)
+    return jnp.asarray(np.take(x, np.minimum(np.arange(n), x.shape[axis] - 1), axis=axis))
+
+
 def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: jax.Array, layout: ImageLayout,
                    answer: np.ndarray, targets: Sequence[int], *, commit_step: np.ndarray | None = None,
                    answer_valid: np.ndarray | None = None, key: jax.Array | None = None, per_state: bool = False):
-    """Raw (unnormalised) maps of answer positions ``targets`` for a resolved gradient method.
+    """Raw (unnormalised) maps of answer positions ``targets`` for a gradient method.
 
-    prompt_embeds: [P, D]; answer: [G] final answer ids; commit_step: [G] (probes "decision" and "final").
+    cam: a resolved CamConfig (``dcam_jax.cam.config.resolve``); prompt_embeds: [P, D]; answer: [G] final answer
+    ids; commit_step: [G] (probes "decision", "trajectory" and "final"); key: PRNG key (probe "noise").
     Returns (maps [T, H, W] float32 averaged over probe states, scores [T]); with ``per_state=True`` the maps of
     every probe state instead, (maps [T, K, H, W], scores [T, K]) with K = 1 for the single-state probes.
     """
-    cam = resolve(cam, config)
+    require_resolved(cam, "raw_token_maps")
     answer = np.asarray(answer, np.int32)
     G = answer.shape[0]
     targets = np.asarray(targets, np.int32)
@@ -318,72 +213,30 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
     P = int(prompt_embeds.shape[0])
     img = layout.positions(cam.view)
     attr.check_probe_valid(img, P + G, P)
-    mask_id = config.lm.mask_id
     mode, cpos, ctok = _contrast_for(cam, targets, answer)
+    states, K, shared = _probe_states(cam, answer, targets, commit_step, key, config.lm.mask_id)
+    if shared:  # one state, every target: [1, T] per-state targets
+        per = [v[None] for v in (targets, answer[targets], cpos, ctok)]
+    else:  # one target per state
+        per = [np.repeat(v, K)[:, None] for v in (targets, answer[targets], cpos, ctok)]
+    # Pad the states to a multiple of batch_size, or the targets of a single shared state to a multiple of 8
+    # (repeating the last entry), so that answers with different numbers of targets reuse one compiled function;
+    # a padded entry costs a forward (states) or a reverse pass (targets).
+    S, Tg = per[0].shape
+    S2 = S if S == 1 else -(-S // cam.batch_size) * cam.batch_size
+    T2 = Tg if Tg == 1 else -(-Tg // 8) * 8
     spec = attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention, score=cam.score, contrast=mode,
                          aggregation=cam.aggregation, grad_relu=cam.grad_relu, grad_rule=cam.grad_rule)
+    maps, scores = attr.batched_state_maps(
+        params, config, spec, cam.batch_size, prompt_embeds, jnp.asarray(img), _pad_rows(states, 0, S2),
+        jnp.asarray(answer), jnp.asarray(valid), *(_pad_rows(_pad_rows(v, 0, S2), 1, T2) for v in per))
+    maps, scores = maps[:S, :Tg], scores[:S, :Tg]
     T = len(targets)
-    args = (params, config, spec, cam.batch_size, prompt_embeds, jnp.asarray(img), None, jnp.asarray(answer),
-            jnp.asarray(valid))
-
-    def run(states, tp, tt, cp, ct):
-        # pad states to a multiple of batch_size (one target per state) or the targets of a single shared state
-        # to a multiple of 8 (repeating the last entry), so answers with different numbers of targets reuse one
-        # compiled function; padded entries cost a forward (states) or a reverse pass (targets) each
-        S, Tg = tp.shape
-        S2 = S if S == 1 else -(-S // cam.batch_size) * cam.batch_size
-        T2 = Tg if Tg == 1 else -(-Tg // 8) * 8
-
-        def pad(x, axis, n):
-            x = np.asarray(x)
-            if x.shape[axis] == n:
-                return jnp.asarray(x)
-            idx = np.minimum(np.arange(n), x.shape[axis] - 1)
-            return jnp.asarray(np.take(x, idx, axis=axis))
-
-        a = list(args)
-        a[6] = pad(states, 0, S2)
-        tp, tt, cp, ct = (pad(pad(v, 0, S2), 1, T2) for v in (tp, tt, cp, ct))
-        maps, scores = attr.batched_state_maps(*a, tp, tt, cp, ct)
-        return maps[:S, :Tg], scores[:S, :Tg]
-
-    if cam.probe in ("clean", "final"):
-        if cam.probe == "final":
-            if commit_step is None:
-                raise ValueError("probe='final' needs the generation trajectory (commit_step); generate the answer "
-                                 "with dcam_jax.generate or use probe='clean'")
-            last = int(np.max(commit_step))
-            state = np.where(np.asarray(commit_step) < last, answer, mask_id)
-        else:
-            state = answer
-        maps, scores = run(state[None], targets[None], answer[targets][None], cpos[None], ctok[None])
-        return (maps[0][:, None], scores[0][:, None]) if per_state else (maps[0], scores[0])
-    if cam.probe in ("decision", "trajectory") and commit_step is None:
-        raise ValueError(f"probe={cam.probe!r} needs the generation trajectory (commit_step): let explain() "
-                         "generate the answer (or pass generation=...), or use probe='noise' or 'clean' for a "
-                         "given answer")
-    if cam.probe == "decision":
-        states = attr.decision_states(answer, commit_step, targets, mask_id)
-        maps, scores = run(states, targets[:, None], answer[targets][:, None], cpos[:, None], ctok[:, None])
-        return (maps, scores) if per_state else (maps[:, 0], scores[:, 0])
-    if cam.probe == "trajectory":
-        K = cam.num_trajectory_states
-        states = attr.trajectory_states(answer, commit_step, targets, K, mask_id)  # [T, K, G]
-        rep = lambda a: np.repeat(a, K)[:, None]
-        maps, scores = run(states.reshape(T * K, G), rep(targets), rep(answer[targets]), rep(cpos), rep(ctok))
-        H, W = img.shape
-        maps, scores = maps.reshape(T, K, H, W), scores.reshape(T, K)
-        return (maps, scores) if per_state else (maps.mean(1), scores.mean(1))
-    # noise: K states per target, averaged
-    ratios = cam.noise_ratios or attr.default_noise_ratios(cam.num_noise_samples)
-    if key is None:
-        raise ValueError("probe='noise' needs a PRNG key (key=jax.random.key(0))")
-    states = attr.noise_states(answer, targets, ratios, key, mask_id)  # [T, K, G]
-    K = len(ratios)
-    rep = lambda a: np.repeat(a, K)[:, None]
-    maps, scores = run(states.reshape(T * K, G), rep(targets), rep(answer[targets]), rep(cpos), rep(ctok))
     H, W = img.shape
-    maps, scores = maps.reshape(T, K, H, W), scores.reshape(T, K)
+    if shared:  # [1, T, H, W] -> [T, 1, H, W]
+        maps, scores = maps[0][:, None], scores[0][:, None]
+    else:  # [T * K, 1, H, W] -> [T, K, H, W]
+        maps, scores = maps.reshape(T, K, H, W), scores.reshape(T, K)
     return (maps, scores) if per_state else (maps.mean(1), scores.mean(1))
 
 
@@ -414,77 +267,3 @@ def _tam(params, config, prompt_embeds, img, answer, classes, attention):
 
 
 _tam_jit = jax.jit(_tam, static_argnums=(1, 6))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# words and targets
-
-_PUNCT = re.compile(r"^[\W_]+$")
-# Words not explained under targets="content": closed-class words and the spatial relation words, whose evidence
-# is a relation between objects rather than a region. (Evaluation's TAM function words are another list:
-# eval.run.TAM_FUNCTION_WORDS.)
-STOP_WORDS = frozenset(
-    "a an the and or but nor of in on at to for with by from as is are was were be been being it its this that "
-    "these those there here which who whom whose what where when while than then so such very some any each "
-    "left right above below near next".split())
-
-
-def group_words(token_strings: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
-    """Group sub-tokens into words: a token starting with a space (or the first token) starts a word.
-
-    token_strings: decoded strings of the answer tokens -> [(word, positions)], punctuation-only tokens kept as
-    their own words.
-    """
-    words: list[tuple[str, list[int]]] = []
-    for i, s in enumerate(token_strings):
-        starts = not words or s.startswith((" ", "\n", "\t")) or _PUNCT.match(s.strip() or "x") \
-            or _PUNCT.match(words[-1][0] or "x")
-        if starts:
-            words.append((s.strip(), [i]))
-        else:
-            words[-1] = (words[-1][0] + s, words[-1][1] + [i])
-    return [(w, tuple(p)) for w, p in words if w]
-
-
-def is_content_word(word: str) -> bool:
-    """Not punctuation and not a function word (articles, prepositions, relation words, auxiliaries...)."""
-    w = word.strip().lower()
-    return bool(w) and not _PUNCT.match(w) and w not in STOP_WORDS
-
-
-def resolve_targets(targets, token_strings: Sequence[str], n_valid: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Turn a targets spec into [(label, answer positions)].
-
-    targets: "all" (every real answer token), "content" (content words, sub-tokens together), a list of int
-    positions, or a list of words (each must occur in the answer; all its sub-tokens are explained together).
-    """
-    toks = list(token_strings[:n_valid])
-    if n_valid == 0:
-        raise ValueError("the answer is empty: there is nothing to explain")
-    if isinstance(targets, str):
-        if targets == "all":
-            return [(toks[i], (i,)) for i in range(n_valid)]
-        if targets == "content":
-            out = [(w, p) for w, p in group_words(toks) if is_content_word(w)]
-            if not out:
-                raise ValueError(f"the answer {''.join(toks)!r} has no content words; use targets='all'")
-            return out
-        targets = [targets]
-    targets = list(targets)
-    if not targets:
-        raise ValueError("targets is empty")
-    if all(isinstance(t, (int, np.integer)) for t in targets):
-        bad = [int(t) for t in targets if not 0 <= int(t) < n_valid]
-        if bad:
-            raise ValueError(f"target positions {bad} are outside the answer (0..{n_valid - 1})")
-        return [(toks[int(t)], (int(t),)) for t in targets]
-    words = group_words(toks)
-    out = []
-    for t in targets:
-        if not isinstance(t, str):
-            raise ValueError(f"targets must be 'all', 'content', a list of positions or a list of words; got {t!r}")
-        hits = [(w, p) for w, p in words if w.lower() == t.strip().lower()]
-        if not hits:
-            raise ValueError(f"word {t!r} is not in the answer; its words are {[w for w, _ in words]}")
-        out.extend(hits)
-    return out

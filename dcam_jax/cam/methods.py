@@ -79,10 +79,11 @@ def gradient_raw_maps(r: MapsRequest):
 
 def refine_chain(f: FinishRequest) -> np.ndarray:
     """The refinement chain the CamConfig names (its ``refine`` field or the method's preset) -> [T, H, W]."""
-    from dcam_jax.cam import explain as ex
+    from dcam_jax.cam import config as cam_config
     from dcam_jax.cam import refine as rf
 
-    return np.asarray(rf.refine(f.normalized, ex.refine_config(f.cam), token_ids=f.answer, valid=f.answer_valid,
+    return np.asarray(rf.refine(f.normalized, cam_config.refine_config(f.cam), token_ids=f.answer,
+                                valid=f.answer_valid,
                                 num_steps=f.num_steps, image_long_side=f.image_long_side))
 
 
@@ -129,7 +130,7 @@ class Method:
             raise ValueError(f"method name {self.name!r} must be an identifier (letters, digits, underscores)")
         if self.layer not in ("cam_layer", "last"):
             raise ValueError(f"Method.layer={self.layer!r}; expected 'cam_layer' or 'last'")
-        from dcam_jax.cam.explain import CamConfig
+        from dcam_jax.cam.config import CamConfig
 
         fields = {f.name for f in dataclasses.fields(CamConfig)} - {"method"}
         unknown = sorted(set(self.preset) - fields)

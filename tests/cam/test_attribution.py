@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
+from dcam_jax.cam import targets as cam_targets
 from dcam_jax.models import config as C
 from dcam_jax.models import mllm
 from dcam_jax.processing import image as pimg
@@ -112,7 +114,7 @@ def test_gradient_matches_finite_differences(setup):
 
 def test_all_targets_in_one_call_equal_one_at_a_time(setup):
     params, emb, layout, answer, commit = setup
-    cam = ex.CamConfig(probe="decision", layer=1, refine="none")
+    cam = cam_config.resolve(cam_config.CamConfig(probe="decision", layer=1, refine="none"), CFG)
     targets = [0, 1, 2, 3]
     together, s_all = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, targets, commit_step=commit)
     for k, t in enumerate(targets):
@@ -131,7 +133,7 @@ def test_decision_state_masks_the_target_and_later_tokens(setup):
 
 def test_noise_probe_vmap_equals_loop(setup):
     params, emb, layout, answer, _ = setup
-    cam = ex.CamConfig(probe="noise", layer=1, num_noise_samples=3, refine="none")
+    cam = cam_config.resolve(cam_config.CamConfig(probe="noise", layer=1, num_noise_samples=3, refine="none"), CFG)
     key = jax.random.key(3)
     maps, _ = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, [1, 2], key=key)
     states = attr.noise_states(answer, [1, 2], attr.default_noise_ratios(3), key, CFG.lm.mask_id)
@@ -164,25 +166,28 @@ def test_aggregations_closed_forms():
 def test_bad_inputs(setup):
     params, emb, layout, answer, commit = setup
     with pytest.raises(ValueError, match="out of range"):
-        ex.resolve(ex.CamConfig(layer=3), CFG)
+        cam_config.resolve(cam_config.CamConfig(layer=3), CFG)
     with pytest.raises(ValueError, match="needs the generation trajectory"):
-        ex.raw_token_maps(params, CFG, ex.CamConfig(layer=1), emb, layout, answer, [0])
+        ex.raw_token_maps(params, CFG, cam_config.resolve(cam_config.CamConfig(layer=1), CFG), emb, layout, answer,
+                          [0])
+    with pytest.raises(ValueError, match=r"needs a resolved CamConfig.*open fields: \[.*'grad_rule'"):
+        ex.raw_token_maps(params, CFG, cam_config.CamConfig(layer=1), emb, layout, answer, [0])
     with pytest.raises(ValueError, match="not structurally valid"):
         attr.check_probe_valid(layout.positions(), hidden_len=G, prefix_len=0)
     with pytest.raises(ValueError, match="outside the answer"):
-        ex.resolve_targets([9], ["a"] * 6, 4)
+        cam_targets.resolve_targets([9], ["a"] * 6, 4)
     with pytest.raises(ValueError, match="not in the answer"):
-        ex.resolve_targets(["zebra"], [" a", " red", " circle"], 3)
+        cam_targets.resolve_targets(["zebra"], [" a", " red", " circle"], 3)
     with pytest.raises(ValueError, match="empty"):
-        ex.resolve_targets("all", [], 0)
+        cam_targets.resolve_targets("all", [], 0)
     with pytest.raises(ValueError, match="method="):
-        ex.CamConfig(method="magic")
+        cam_config.CamConfig(method="magic")
 
 
 def test_word_grouping():
     toks = [" a", " red", " cir", "cle", ",", " and", " a", " blue", " square"]
-    words = ex.group_words(toks)
+    words = cam_targets.group_words(toks)
     assert words[:4] == [("a", (0,)), ("red", (1,)), ("circle", (2, 3)), (",", (4,))]
-    content = ex.resolve_targets("content", toks, len(toks))
+    content = cam_targets.resolve_targets("content", toks, len(toks))
     assert [w for w, _ in content] == ["red", "circle", "blue", "square"]
-    assert ex.resolve_targets(["circle"], toks, len(toks)) == [("circle", (2, 3))]
+    assert cam_targets.resolve_targets(["circle"], toks, len(toks)) == [("circle", (2, 3))]

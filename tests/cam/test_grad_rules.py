@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 from dcam_jax.cam import refine as rf
 from dcam_jax.models import config as C
@@ -397,7 +398,8 @@ def decision(setup):
     """ex.raw_token_maps with probe "decision" and the conservative rule (the library's own jit compiles: 4 states
     in one call, and 1 state, which tests 1 and 5 reuse): targets 0..3 together, and one at a time."""
     s = setup
-    cam = ex.CamConfig(probe="decision", layer=L, grad_rule="conservative", refine="none", batch_size=BATCH)
+    cam = cam_config.resolve(cam_config.CamConfig(probe="decision", layer=L, grad_rule="conservative", refine="none",
+                                                batch_size=BATCH), CFG)
     targets = [0, 1, 2, 3]
     run = lambda t: tuple(np.asarray(x) for x in ex.raw_token_maps(s.params, CFG, cam, s.emb, s.layout, s.answer, t,
                                                                    commit_step=s.commit))
@@ -406,7 +408,7 @@ def decision(setup):
 
 
 def test_conservative_decision_maps_vmapped_equal_one_at_a_time(decision):
-    r = ex.resolve(decision.cam, CFG)
+    r = cam_config.resolve(decision.cam, CFG)
     assert (r.grad_rule, r.aggregation) == ("conservative", "gxa")
     together, s_all = decision.together
     assert together.max() > 0
@@ -450,13 +452,13 @@ def test_trajectory_states_match_loop_definition():
 def test_trajectory_probe_is_the_mean_of_per_state_maps(setup, decision):
     s = setup
     K, targets = 2, [0, 3]  # 4 states: the compiled shapes of the decision test are reused
-    cam = ex.CamConfig(probe="trajectory", num_trajectory_states=K, layer=L, grad_rule="conservative",
+    cam = cam_config.CamConfig(probe="trajectory", num_trajectory_states=K, layer=L, grad_rule="conservative",
                        refine="none", batch_size=BATCH)
-    r = ex.resolve(cam, CFG)
+    r = cam_config.resolve(cam, CFG)
     spec = attr.GradSpec(layer=r.layer, hook=r.hook, attention=r.attention, score=r.score, contrast="none",
                          aggregation=r.aggregation, grad_relu=r.grad_relu, grad_rule=r.grad_rule)
     assert spec == _spec("conservative")
-    maps, scores = ex.raw_token_maps(s.params, CFG, cam, s.emb, s.layout, s.answer, targets, commit_step=s.commit)
+    maps, scores = ex.raw_token_maps(s.params, CFG, r, s.emb, s.layout, s.answer, targets, commit_step=s.commit)
     states = attr.trajectory_states(s.answer, s.commit, targets, K, MASK)
     for ti, t in enumerate(targets):
         per = [_maps(s, spec, states[ti, k], [t]) for k in range(K)]
@@ -528,7 +530,7 @@ def test_unknown_grad_rule_and_missing_trajectory_raise(setup):
     s = setup
     h0, pos, bias = _inputs(s.params, s.emb, s.state, "full")
     calls = [lambda: attr.GradSpec(layer=0, grad_rule="frozen"),
-             lambda: ex.CamConfig(grad_rule="frozen"),
+             lambda: cam_config.CamConfig(grad_rule="frozen"),
              lambda: llada.run_blocks(s.lm["layers"], CFG.lm, h0, positions=pos, grad_rule="frozen"),
              lambda: llada.final_logits(s.lm, CFG.lm, h0, grad_rule="frozen"),
              lambda: llada.check_grad_rule("frozen")]
@@ -538,9 +540,10 @@ def test_unknown_grad_rule_and_missing_trajectory_raise(setup):
         msg = str(e.value)
         assert "frozen" in msg and all(repr(r) in msg for r in RULES), msg
     with pytest.raises(ValueError, match="noise.*clean|clean.*noise"):
-        ex.raw_token_maps(s.params, CFG, ex.CamConfig(probe="trajectory", layer=L), s.emb, s.layout, s.answer, [0])
+        ex.raw_token_maps(s.params, CFG, cam_config.resolve(cam_config.CamConfig(probe="trajectory", layer=L), CFG),
+                          s.emb, s.layout, s.answer, [0])
     with pytest.raises(ValueError, match="num_trajectory_states"):
-        ex.CamConfig(probe="trajectory", num_trajectory_states=0)
+        cam_config.CamConfig(probe="trajectory", num_trajectory_states=0)
     with pytest.raises(ValueError, match="num_trajectory_states"):
         attr.trajectory_states(s.answer, s.commit, [0], 0, MASK)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 from dcam_jax.models import config as C
 from dcam_jax.models import llada, mllm
@@ -55,7 +56,7 @@ _GRAD_KEYS = ("probe", "grad_rule", "score", "contrast", "hook", "attention")
 
 
 def test_the_table_covers_every_gradient_method():
-    assert set(METHODS) == set(ex.METHODS) - {"tam"}
+    assert set(METHODS) == set(cam_config.METHODS) - {"tam"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,9 +171,10 @@ def reference(setup):
 def test_raw_maps_equal_numpy_formula_of_the_documented_method(setup, reference, method):
     params, emb, layout = setup
     doc = METHODS[method]
-    assert ex.resolve(ex.CamConfig(method=method), CFG).layer == LAYER
-    maps, scores = ex.raw_token_maps(params, CFG, ex.CamConfig(method=method), emb, layout, ANSWER, list(TARGETS),
-                                     commit_step=COMMIT, answer_valid=VALID)
+    cam = cam_config.resolve(cam_config.CamConfig(method=method), CFG)
+    assert cam.layer == LAYER
+    maps, scores = ex.raw_token_maps(params, CFG, cam, emb, layout, ANSWER, list(TARGETS), commit_step=COMMIT,
+                                     answer_valid=VALID)
     maps, scores = np.asarray(maps, np.float64), np.asarray(scores, np.float64)
     assert maps.shape == (len(TARGETS),) + layout.shape()
     key = tuple(doc[k] for k in _GRAD_KEYS)
@@ -195,7 +197,7 @@ def test_tam_maps_are_the_class_logit_of_each_image_token(setup):
     """TAM (gradient-free): ReLU(final-norm hidden state of each image token @ head column of the class), at the
     clean state with the model's attention; the text scores are the same at the answer positions."""
     params, emb, layout = setup
-    cam = ex.resolve(ex.CamConfig(method="tam"), CFG)
+    cam = cam_config.resolve(cam_config.CamConfig(method="tam"), CFG)
     assert (cam.probe, cam.attention, cam.layer) == ("clean", "full", CFG.lm.n_layers - 1)
     maps, text = ex.tam_raw_maps(params, CFG, emb, layout, ANSWER, list(TARGETS), cam.view, cam.attention)
     # the residual stream after the last block = the hooked activation of a GradSpec at the last block

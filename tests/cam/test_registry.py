@@ -9,7 +9,7 @@ import pytest
 
 import dcam_jax as dj
 from dcam_jax import api
-from dcam_jax.cam import explain as ex
+from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import methods
 
 
@@ -23,7 +23,7 @@ def test_a_new_gradient_method_is_one_registry_entry(tiny_model, image):
         "conservative_layercam", dict(methods.GRAD_BASE, probe="decision", grad_rule="conservative",
                                       aggregation="layercam")))
     try:
-        assert "conservative_layercam" in ex.METHODS
+        assert "conservative_layercam" in cam_config.METHODS
         key = jax.random.key(3)
         got = dj.explain(tiny_model, image, "describe the image", targets="all", key=key,
                          config=dj.CamConfig(method="conservative_layercam", layer=1))
