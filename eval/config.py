@@ -93,22 +93,41 @@ def _csv(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value if v.strip())
 
 
+def check_methods(methods: Sequence[str], example: str) -> None:
+    """Raise ValueError for an empty, unknown or repeated ``--methods`` entry (``example``: a list to suggest)."""
+    from dcam_jax.cam import config as cam_config
+
+    if not methods:
+        raise ValueError(f"--methods is empty; give a comma-separated list such as {example}")
+    known = tuple(cam_config.METHODS) + PSEUDO_METHODS
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise ValueError(f"--methods: unknown method(s) {bad}; expected names from {known}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods lists a method twice: {list(methods)}")
+
+
+def check_checkpoint_and_out_dir(checkpoint: str, out_dir: str) -> None:
+    """Raise ValueError unless ``checkpoint`` is 'toy' or a directory and ``out_dir`` is not an existing file."""
+    if checkpoint != "toy" and not Path(checkpoint).is_dir():
+        raise ValueError(f"--checkpoint={checkpoint}: no such directory; pass 'toy' (the embedded model) or a "
+                         "directory written by `python -m checkpoints_convert`")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out_dir={out_dir} exists and is a file; pass a directory")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check a RunConfig before anything is loaded; raise ValueError naming the bad flag and what to do."""
-    from dcam_jax.cam import explain as ex
+    """Check a RunConfig before anything is loaded; raise ValueError naming the bad flag and what to do.
+
+    One check per field, in the order of the fields: long, but each line stands alone."""
+    from dcam_jax.cam import config as cam_config
 
     if not cfg.out_dir:
         raise ValueError("--out_dir is required (e.g. --out_dir=runs/my_run)")
     if cfg.dataset not in DATASETS:
         raise ValueError(f"--dataset={cfg.dataset!r} is unknown; expected one of {DATASETS}")
-    if not cfg.methods:
-        raise ValueError("--methods is empty; give a comma-separated list such as diffusion_cam,gradcam,uniform")
-    known = tuple(ex.METHODS) + PSEUDO_METHODS
-    bad = [m for m in cfg.methods if m not in known]
-    if bad:
-        raise ValueError(f"--methods: unknown method(s) {bad}; expected names from {known}")
-    if len(set(cfg.methods)) != len(cfg.methods):
-        raise ValueError(f"--methods lists a method twice: {list(cfg.methods)}")
+    check_methods(cfg.methods, "diffusion_cam,gradcam,uniform")
     bad = [m for m in cfg.overrides_apply_to if m not in cfg.methods]
     if bad:
         raise ValueError(f"--overrides_apply_to names {bad}, which are not in --methods={','.join(cfg.methods)}")
@@ -118,8 +137,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"{METRIC_MODES}")
     if cfg.targets not in ("content", "all"):
         raise ValueError(f"--targets={cfg.targets!r}; expected 'content' or 'all'")
-    if cfg.probe is not None and cfg.probe not in ex.PROBES:
-        raise ValueError(f"--probe={cfg.probe!r}; expected one of {ex.PROBES}")
+    if cfg.probe is not None and cfg.probe not in cam_config.PROBES:
+        raise ValueError(f"--probe={cfg.probe!r}; expected one of {cam_config.PROBES}")
     if cfg.refine is not None:
         from dcam_jax.cam import refine as rf
         try:
@@ -174,12 +193,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             pil_shapes.PilShapesConfig(width=w, height=h, background=cfg.pil_background)
         except ValueError as err:
             raise ValueError(f"--pil_size={cfg.pil_size!r}: {err}") from None
-    if cfg.checkpoint != "toy" and not Path(cfg.checkpoint).is_dir():
-        raise ValueError(f"--checkpoint={cfg.checkpoint}: no such directory; pass 'toy' (the embedded model) or a "
-                         "directory written by `python -m checkpoints_convert`")
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out_dir={cfg.out_dir} exists and is a file; pass a directory")
+    check_checkpoint_and_out_dir(cfg.checkpoint, cfg.out_dir)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
     return cfg
@@ -190,7 +204,10 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-    """Define the flags of ``python -m eval.run`` on ``fv`` (tests pass a fresh ``flags.FlagValues()``)."""
+    """Define the flags of ``python -m eval.run`` on ``fv`` (tests pass a fresh ``flags.FlagValues()``).
+
+    One flag per RunConfig field, defaults read from ``RunConfig()``: a table rather than logic, kept in one
+    function so that the flags read in the order of ``--help``."""
     d = RunConfig()
     f = dict(flag_values=fv)
     flags.DEFINE_string("checkpoint", d.checkpoint, "'toy' (the embedded ShapesWorld model) or a converted "

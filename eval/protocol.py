@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from dcam_jax import fileio
-from eval import run as run_lib
+from eval import config as eval_config
 
 SIZE_BINS = ((0.0, 3.0, "<=3"), (3.0, 9.0, "3-9"), (9.0, 1e9, ">9"))
 
@@ -52,14 +52,14 @@ def find_cells(run_dirs: Sequence[str]) -> list[Cell]:
         root = Path(d)
         if not root.is_dir():
             raise ValueError(f"--run_dirs: {d} is not a directory")
-        dirs = [root] if (root / run_lib.RUN_CONFIG).exists() else sorted(
-            p.parent for p in root.glob(f"*/{run_lib.RUN_CONFIG}"))
+        dirs = [root] if (root / eval_config.RUN_CONFIG).exists() else sorted(
+            p.parent for p in root.glob(f"*/{eval_config.RUN_CONFIG}"))
         if not dirs:
-            raise ValueError(f"--run_dirs: {d} holds no eval.run output ({run_lib.RUN_CONFIG} not found)")
+            raise ValueError(f"--run_dirs: {d} holds no eval.run output ({eval_config.RUN_CONFIG} not found)")
         for p in dirs:
-            cfg = json.loads((p / run_lib.RUN_CONFIG).read_text())
+            cfg = json.loads((p / eval_config.RUN_CONFIG).read_text())
             recs = []
-            for f in sorted(p.glob(run_lib.RECORDS_GLOB)):
+            for f in sorted(p.glob(eval_config.RECORDS_GLOB)):
                 for line in f.read_text().splitlines():
                     if line.strip():
                         r = json.loads(line)

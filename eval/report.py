@@ -24,14 +24,14 @@ objects in the image (the Diffusion-CAM authors' code). For ShapesWorld there is
 
 Writes into the run directory (or ``--out_dir``): ``summary.json``, ``summary.md``, ``plots/metrics.png`` (a bar
 per method and metric), ``plots/examples_{method}.png`` (overlays of the saved example maps) and, with
-faithfulness measured, ``plots/faithfulness.png`` (mean deletion and insertion curves per method).
+faithfulness measured, ``plots/faithfulness.png`` (mean deletion and insertion curves per method), drawn by
+``eval.plots``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -40,8 +40,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from dcam_jax import fileio
+from eval.config import RECORDS_GLOB
+from eval.plots import plot_examples, plot_faithfulness, plot_metrics
 
-RECORDS_GLOB = "records-*.jsonl"
 METRIC_KEYS = ("obj_iou", "precision", "recall", "contrast", "concentration", "pointing_game", "f3_per_image",
                "f3_of_means")
 
@@ -165,6 +166,28 @@ def _faithfulness(recs: Sequence[dict]) -> Optional[dict]:
     return out
 
 
+def paired_faithfulness(words: Sequence[dict], methods: Sequence[str]) -> Optional[dict]:
+    """The first method's AUCs minus each other method's, paired over the words both scored (same example and
+    word): {other: {"n", "deletion", "deletion_se", "insertion", "insertion_se"}} (means and standard errors of
+    the per-word differences), or None when fewer than two methods have faithfulness records."""
+    by = {m: {(r["example_id"], r["word_index"]): r["faithfulness"] for r in words
+              if r["method"] == m and r.get("faithfulness")} for m in methods}
+    ref = methods[0] if methods else None
+    if ref is None or not by[ref] or not any(by[m] for m in methods[1:]):
+        return None
+    out = {}
+    for m in methods[1:]:
+        keys = sorted(set(by[ref]) & set(by[m]))
+        if len(keys) < 2:
+            continue
+        row: dict[str, Any] = {"n": len(keys)}
+        for k in ("deletion", "insertion"):
+            d = np.array([by[ref][q][f"{k}_auc"] - by[m][q][f"{k}_auc"] for q in keys])
+            row[k], row[f"{k}_se"] = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+        out[m] = row
+    return {"reference": ref, "against": out}
+
+
 def faithfulness_table(summary: dict) -> str:
     """Markdown table of the deletion / insertion AUCs per method (empty string when none were measured)."""
     rows = [(m, summary["results"][m].get("faithfulness")) for m in summary["methods"]]
@@ -176,6 +199,13 @@ def faithfulness_table(summary: dict) -> str:
         if f:
             lines.append(f"| {m} | {f['n']} | {f['deletion_auc']:.3f} | {f['insertion_auc']:.3f} | "
                          f"{f['insertion_minus_deletion']:.3f} | {f['full_score']:.3f} | {f['baseline_score']:.3f} |")
+    paired = summary.get("paired_faithfulness")
+    if paired and paired["against"]:
+        lines += ["", f"Paired over the same words, {paired['reference']} minus:", "",
+                  "| Method | words | Deletion AUC (SE) | Insertion AUC (SE) |", "|---|---|---|---|"]
+        for m, r in paired["against"].items():
+            lines.append(f"| {m} | {r['n']} | {r['deletion']:+.3f} ({r['deletion_se']:.3f}) | "
+                         f"{r['insertion']:+.3f} ({r['insertion_se']:.3f}) |")
     return "\n".join(lines)
 
 
@@ -215,6 +245,7 @@ def summarize_run(run: dict) -> dict:
         "words": dict(status),
         "caption_accuracy": _caption_accuracy(evaluated),
         "results": table,
+        **({"paired_faithfulness": paired} if (paired := paired_faithfulness(words, methods)) else {}),
     }
 
 
@@ -335,120 +366,6 @@ def comparison_table(summary: dict) -> str:
                          f"{fmt_pct(ref['f3_of_means']) if ref else '-'} "
                          f"| {fmt_pct(fi['mean']) if fi else '-'} |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_metrics(summary: dict, path: Path) -> Path:
-    """Bar chart: one panel per metric, one bar per method (and mode), for the first run of ``summary``."""
-    plt = _plt()
-    s = summary["runs"][0]
-    metrics_ = [("obj_iou", "Obj-IoU"), ("precision", "precision"), ("recall", "recall"),
-                ("contrast", "contrast (x)"), ("concentration", "concentration"),
-                ("pointing_game", "pointing game"), ("f3_of_means", "F3 (of means)")]
-    modes = s["metric_modes"]
-    methods = s["methods"]
-    fig, axes = plt.subplots(2, 4, figsize=(13.0, 6.6), squeeze=False)
-    axes = axes.reshape(1, -1)
-    width = 0.8 / max(len(modes), 1)
-    x = np.arange(len(methods))
-    for ax, (key, title) in zip(axes[0], metrics_):
-        for j, mode in enumerate(modes):
-            vals = [(s["results"][m].get(mode) or {}).get(key) for m in methods]
-            ax.bar(x + j * width, [np.nan if v is None else v for v in vals], width, label=mode)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks(x + width * (len(modes) - 1) / 2, methods, rotation=45, ha="right", fontsize=8)
-    ax = axes[0, -1]
-    fi = [(s["results"][m].get("func_iou") or {}).get("mean") for m in methods]
-    ax.bar(x, [np.nan if v is None else v for v in fi], 0.6, color="grey")
-    ax.set_title("Func-IoU", fontsize=10)
-    ax.set_xticks(x, methods, rotation=45, ha="right", fontsize=8)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{Path(s['run_dir']).name}: {s['dataset']}, {s['examples']['evaluated']} images", fontsize=10)
-    fileio.save_figure(fig, path, dpi=90)
-    return path
-
-
-def _natural(p: Path):
-    """Sort key: 'shapes-test-2' before 'shapes-test-10'."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.stem)]
-
-
-def plot_examples(run_dir: Path, method: str, path: Path, *, max_examples: int = 6, max_words: int = 6) -> \
-        Optional[Path]:
-    """Grid of overlays from ``run_dir/maps/*.npz``: one row per example (image, then the object words' maps
-    of ``method``). Returns None when no saved maps hold ``method``."""
-    from dcam_jax import viz
-
-    files = sorted((run_dir / "maps").glob("*.npz"), key=_natural) if (run_dir / "maps").is_dir() else []
-    rows = []
-    for f in files:
-        with np.load(f) as z:
-            if f"maps__{method}" not in z.files:
-                continue
-            roles = list(z["roles"])
-            keep = [k for k, r in enumerate(roles) if r == "object"][:max_words]
-            rows.append((f.stem, z["image"], str(z["answer"]), [str(z["words"][k]) for k in keep],
-                         [str(z["status"][k]) for k in keep], z[f"maps__{method}"][keep].astype(np.float32)))
-        if len(rows) >= max_examples:
-            break
-    if not rows:
-        return None
-    plt = _plt()
-    cols = 1 + max(max(len(r[3]) for r in rows), 1)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.1 * len(rows)), squeeze=False)
-    for i, (name, image, answer, words, status, maps) in enumerate(rows):
-        axes[i, 0].imshow(image)
-        axes[i, 0].set_title(name, fontsize=7)
-        axes[i, 0].set_ylabel(answer[:40], fontsize=6)
-        for j in range(cols - 1):
-            ax = axes[i, j + 1]
-            if j < len(words):
-                ax.imshow(viz.overlay(image, np.clip(maps[j], 0, 1)))
-                ax.set_title(words[j] + (" (halluc.)" if status[j] == "hallucinated" else ""), fontsize=8)
-            else:
-                ax.axis("off")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{method}: object word maps", fontsize=10)
-    fileio.save_figure(fig, path, dpi=90)
-    return path
-
-
-def plot_faithfulness(summary: dict, path: Path) -> Optional[Path]:
-    """Mean deletion and insertion curves per method (first run of ``summary``); None when not measured."""
-    s = summary["runs"][0]
-    rows = [(m, s["results"][m].get("faithfulness")) for m in s["methods"]]
-    rows = [(m, f) for m, f in rows if f and "mean_deletion_curve" in f]
-    if not rows:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for m, f in rows:
-        x = f["curve_fractions"]
-        axes[0].plot(x, f["mean_deletion_curve"], label=f"{m} (AUC {f['deletion_auc']:.2f})")
-        axes[1].plot(x, f["mean_insertion_curve"], label=f"{m} (AUC {f['insertion_auc']:.2f})")
-    for ax, title in zip(axes, ("deletion: most salient patches removed first (lower is better)",
-                                "insertion: most salient patches revealed first (higher is better)")):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("fraction of the image")
-        ax.set_ylabel("mean log p(word)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fileio.save_figure(fig, path, dpi=90)
-    return path
 
 
 def write_outputs(out_dir: str | Path, summary: dict, *, plots: bool = True) -> list[Path]:

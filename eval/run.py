@@ -57,44 +57,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from dcam_jax import fileio
-from eval.config import (  # noqa: F401  (the public names are re-exported: eval.sweep, eval.sanity, tests)
-    DATASETS,
-    METRIC_MODES,
-    PSEUDO_METHODS,
-    RECORDS_GLOB,
-    RUN_CONFIG,
-    RunConfig,
-    config_from_flags,
-    define_flags,
-    replace_config,
-    validate,
-    _RESUMABLE_FIELDS)
-from eval.sources import (  # noqa: F401  (the public names are re-exported: eval.sweep, eval.sanity, tests)
-    GroundedSource,
-    Item,
-    PilShapesSource,
-    ShapesSource,
-    TAM_FUNCTION_WORDS,
-    WordInfo,
-    open_source,
-    shapes_caption_eval,
-    shapes_word_infos)
-from eval.store import (  # noqa: F401  (the public names are re-exported: eval.sweep, eval.sanity, tests)
-    CachedGeneration,
-    GenerationCache,
-    ScanResult,
-    generation_key,
-    records_path,
-    sampling_config,
-    scan_records,
-    _append_block)
-from eval.scoring import (  # noqa: F401  (the public names are re-exported: eval.sweep, eval.sanity, tests)
-    Context,
-    cam_config_for,
-    method_key,
-    process_example,
-    pseudo_maps,
-    score_word)
+from eval.config import (
+    RECORDS_GLOB, RUN_CONFIG, RunConfig, config_from_flags, define_flags, validate, _RESUMABLE_FIELDS)
+from eval.sources import open_source
+from eval.store import GenerationCache, generation_key, records_path, sampling_config, scan_records, _append_block
+from eval.scoring import Context, cam_config_for, process_example
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,7 +127,8 @@ def _prepare_out_dir(cfg: RunConfig, process_index: int) -> Path:
 def run(cfg: RunConfig, *, model=None, source=None, generation_caches: Optional[dict] = None,
         on_example: Optional[Callable[[dict], None]] = None) -> dict:
     """Run one evaluation (see the module docstring). Returns a dict with the summary (process 0, when
-    ``cfg.write_report``), counts and the call counters.
+    ``cfg.write_report``), counts and the call counters. The whole loop in one function, as the module docstring
+    tells it; the per-example work is ``eval.scoring.process_example``.
 
     model: an already loaded dcam_jax.api.Model (eval.sweep and tests pass one); None loads ``cfg.checkpoint``.
     source: an already opened :func:`open_source` of ``cfg`` (None opens it).
@@ -176,12 +144,11 @@ def run(cfg: RunConfig, *, model=None, source=None, generation_caches: Optional[
         source = open_source(cfg)
     if model is None:
         model = load_model(cfg)
-    from dcam_jax.cam import explain as ex
+    from dcam_jax.cam.config import resolve
 
-    cams = {m: cam_config_for(m, cfg) for m in cfg.methods}
-    for m, cam in cams.items():
-        if cam is not None:
-            ex.resolve(cam, model.config)  # bad layers etc. fail here, before any work or folder
+    # Resolved once per method: bad layers etc. fail here, before any work or folder.
+    cams = {m: None if c is None else resolve(c, model.config)
+            for m, c in ((m, cam_config_for(m, cfg)) for m in cfg.methods)}
     out = _prepare_out_dir(cfg, pidx)
     sampling = sampling_config(cfg, model)
     gkey, gdesc = generation_key(cfg, checkpoint_id(cfg), sampling)

@@ -29,6 +29,7 @@ from typing import Sequence
 from absl import app, flags, logging
 
 from dcam_jax import fileio
+from eval import config as eval_config
 from eval import run as run_lib
 
 
@@ -67,8 +68,8 @@ def cell_name(assignment: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", "__".join(parts))
 
 
-def cells(base: run_lib.RunConfig, grid: Sequence[tuple[str, list[str]]], sweep_dir: Path) -> \
-        list[tuple[dict[str, str], run_lib.RunConfig]]:
+def cells(base: eval_config.RunConfig, grid: Sequence[tuple[str, list[str]]], sweep_dir: Path) -> \
+        list[tuple[dict[str, str], eval_config.RunConfig]]:
     """The (assignment, RunConfig) of every cell, validated (bad flags or values fail before any work)."""
     fixed = {"out_dir", "resume", "overwrite"}
     for key, _ in grid:
@@ -78,14 +79,14 @@ def cells(base: run_lib.RunConfig, grid: Sequence[tuple[str, list[str]]], sweep_
     gen_dir = base.generation_cache_dir or str(sweep_dir / "generations")
     for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in grid]):
         assignment = dict(combo)
-        cfg = run_lib.replace_config(base, assignment)
+        cfg = eval_config.replace_config(base, assignment)
         cfg = dataclasses.replace(cfg, out_dir=str(sweep_dir / cell_name(assignment)), generation_cache_dir=gen_dir)
-        run_lib.validate(cfg)
+        eval_config.validate(cfg)
         out.append((assignment, cfg))
     return out
 
 
-def run_sweep(base: run_lib.RunConfig, grid: Sequence[tuple[str, list[str]]], sweep_dir: str | Path, *,
+def run_sweep(base: eval_config.RunConfig, grid: Sequence[tuple[str, list[str]]], sweep_dir: str | Path, *,
               model=None) -> dict:
     """Run every cell of ``grid`` over ``base`` (see the module docstring) and write the sweep summary.
 
@@ -146,7 +147,7 @@ def sweep_markdown(results: Sequence[dict], keys: Sequence[str]) -> str:
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """The flags of ``python -m eval.sweep``: every flag of eval.run (the base of each cell) plus --grid."""
-    run_lib.define_flags(fv)
+    eval_config.define_flags(fv)
     flags.DEFINE_string("grid", None, "Cells to run: 'FLAG=V1,V2;FLAG2=V3,...' over eval.run flags (e.g. "
                         "'layer=1,2,3;refine=full,none;methods=diffusion_cam'); methods in one cell are joined "
                         "with '+'. --out_dir is the sweep directory; each cell writes a subdirectory.",
@@ -164,7 +165,7 @@ def main(argv):
     fv = flags.FLAGS
     try:
         grid = parse_grid(fv.grid or "")
-        base = run_lib.config_from_flags(fv)
+        base = eval_config.config_from_flags(fv)
         if not base.out_dir:
             raise ValueError("--out_dir (the sweep directory) is required")
         todo = cells(base, grid, Path(base.out_dir))

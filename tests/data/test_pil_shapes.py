@@ -17,6 +17,9 @@ from absl import flags
 
 from dcam_jax.data import pil_shapes as P
 from dcam_jax.data import shapes as S
+from eval import config as eval_config
+from eval import sources
+from eval import store
 from eval import run as R
 
 CONFIGS = {
@@ -166,7 +169,7 @@ def test_caption_grammar_and_alignment(name):
             dy, dx = e.centres_yx[j] - e.centres_yx[i]
             assert abs(math.degrees(math.atan2(abs(dy), abs(dx))) - 45.0) >= config.relation_margin_deg
         # eval.run's caption check accepts the reference caption
-        ev = R.shapes_caption_eval(e, e.caption)
+        ev = sources.shapes_caption_eval(e, e.caption)
         assert ev["all_correct"] and ev["exact"] and ev["colour_correct"] == e.num_objects
 
 
@@ -214,20 +217,20 @@ def test_config_and_size_validation():
 
 def test_run_flags_validation_and_cache_keys(tmp_path):
     fv = flags.FlagValues()
-    R.define_flags(fv)
+    eval_config.define_flags(fv)
     fv(["prog", "--out_dir=x", "--dataset=pil_shapes", "--pil_background=light", "--pil_size=160,128"])
-    cfg = R.config_from_flags(fv)
+    cfg = eval_config.config_from_flags(fv)
     assert (cfg.dataset, cfg.pil_background, cfg.pil_size) == ("pil_shapes", "light", "160,128")
-    assert R.replace_config(cfg, {"pil_background": "white"}).pil_background == "white"
-    ok = R.RunConfig(out_dir=str(tmp_path / "o"), dataset="pil_shapes")
-    R.validate(ok)
+    assert eval_config.replace_config(cfg, {"pil_background": "white"}).pil_background == "white"
+    ok = eval_config.RunConfig(out_dir=str(tmp_path / "o"), dataset="pil_shapes")
+    eval_config.validate(ok)
     for change, msg in ((dict(pil_background="grey"), "--pil_background"), (dict(pil_size="12x"), "--pil_size"),
                         (dict(pil_size="16"), "--pil_size"), (dict(split="dev"), "--split")):
         with pytest.raises(ValueError, match=msg):
-            R.validate(dataclasses.replace(ok, **change))
+            eval_config.validate(dataclasses.replace(ok, **change))
     # the source: split seeds, size and background as asked
-    src = R.open_source(dataclasses.replace(ok, pil_size="160,128", pil_background="white"))
-    assert isinstance(src, R.PilShapesSource)
+    src = sources.open_source(dataclasses.replace(ok, pil_size="160,128", pil_background="white"))
+    assert isinstance(src, sources.PilShapesSource)
     item = src.item(3)
     ex = P.make_example(S.split_seed("test", 3), P.PilShapesConfig(background="white", width=160, height=128))
     np.testing.assert_array_equal(item.image, ex.image)
@@ -235,13 +238,13 @@ def test_run_flags_validation_and_cache_keys(tmp_path):
     assert item.meta["reference"] == ex.caption
     # generation cache keys: the background and size count ("128" == "128,128"); other datasets' keys unchanged
     samp = dataclasses.make_dataclass("Samp", [("steps", int)])(32)  # a stand-in for the SamplingConfig
-    key = lambda c: R.generation_key(c, "toy", samp)[0]
+    key = lambda c: store.generation_key(c, "toy", samp)[0]
     assert key(ok) == key(dataclasses.replace(ok, pil_size="128,128"))
     assert key(ok) != key(dataclasses.replace(ok, pil_background="light"))
     assert key(ok) != key(dataclasses.replace(ok, pil_size="160,128"))
     shapes_cfg = dataclasses.replace(ok, dataset="shapes")
     assert key(shapes_cfg) == key(dataclasses.replace(shapes_cfg, pil_background="light", pil_size="64"))
-    assert "pil_background" not in R.generation_key(shapes_cfg, "toy", samp)[1]
+    assert "pil_background" not in store.generation_key(shapes_cfg, "toy", samp)[1]
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +258,7 @@ def _run(toy, out, **kw):
     base = dict(checkpoint="toy", out_dir=str(out), dataset="pil_shapes", split="test", num_examples=2,
                 methods=("uniform",), progress=False, plots=False, save_maps=1)
     base.update(kw)
-    res = R.run(R.RunConfig(**base), model=toy)
+    res = R.run(eval_config.RunConfig(**base), model=toy)
     assert res["examples_done"] == 2
     summary = json.loads((out / "summary.json").read_text())["runs"][0]
     assert summary["dataset"] == "pil_shapes" and summary["examples"]["evaluated"] == 2

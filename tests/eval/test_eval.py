@@ -30,6 +30,10 @@ from dcam_jax.processing import image as pimg
 from dcam_jax.processing import text as ptext
 from dcam_jax.toy import tokenizer as toy_tok
 from eval import report
+from eval import config as eval_config
+from eval import scoring
+from eval import sources
+from eval import store
 from eval import run as R
 from eval import sweep as S
 
@@ -69,7 +73,7 @@ def _cfg(out, **kw):
                 targets="all", methods=("diffusion_cam", "gradcam", "uniform"), progress=False, plots=False,
                 save_maps=2)
     base.update(kw)
-    return R.RunConfig(**base)
+    return eval_config.RunConfig(**base)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -211,7 +215,7 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
     # the uniform map deletes patches in raster order: recompute its curve directly
     (ex_i, wi), fs = next(iter(by_word.items()))
     example = next(r for r in recs if r["type"] == "example" and r["example"] == ex_i)
-    item = R.ShapesSource(_cfg(out)).item(ex_i)
+    item = sources.ShapesSource(_cfg(out)).item(ex_i)
     pre = api.prepare(model, item.image, item.prompt)
     w = next(r for r in objs if r["example"] == ex_i and r["word_index"] == wi and r["method"] == "uniform")
     tokens = np.asarray(model.tokenizer(example["answer"]).input_ids, np.int32)
@@ -229,6 +233,17 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
         assert s["results"][m]["faithfulness"]["n"] == len(vals)
         assert s["results"][m]["faithfulness"]["deletion_auc"] == pytest.approx(np.mean(vals))
     assert "Deletion AUC" in (out / "summary.md").read_text()
+    paired = s["paired_faithfulness"]
+    assert paired["reference"] == "diffusion_cam" and set(paired["against"]) == {"gradcam", "uniform"}
+    for m in ("gradcam", "uniform"):
+        key = lambda r: (r["example_id"], r["word_index"])
+        ref = {key(r): r["faithfulness"] for r in objs if r["method"] == "diffusion_cam"}
+        d = [ref[key(r)]["insertion_auc"] - r["faithfulness"]["insertion_auc"] for r in objs if r["method"] == m]
+        assert paired["against"][m]["n"] == len(d)
+        assert paired["against"][m]["insertion"] == pytest.approx(np.mean(d))
+        assert paired["against"][m]["insertion_se"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(len(d)))
+    assert "Paired over the same words, diffusion_cam minus" in (out / "summary.md").read_text()
+
     # stored curves: their trapezoid areas are the AUCs, and the summary's mean curve is their mean
     for r in objs:
         f = r["faithfulness"]
@@ -243,6 +258,17 @@ def test_faithfulness_records_and_report(tiny, tmp_path):
         assert im.size[0] > 300
 
 
+def test_paired_faithfulness_needs_two_methods():
+    rec = lambda m, i, a: {"method": m, "example_id": "e", "word_index": i,
+                           "faithfulness": {"deletion_auc": -a, "insertion_auc": a}}
+    words = [rec("a", 0, 1.0), rec("a", 1, 2.0), rec("b", 0, 0.5), rec("b", 1, 1.0)]
+    got = report.paired_faithfulness(words, ["a", "b"])["against"]["b"]
+    assert got["n"] == 2 and got["insertion"] == pytest.approx(0.75) and got["deletion"] == pytest.approx(-0.75)
+    assert got["insertion_se"] == pytest.approx(0.25)
+    assert report.paired_faithfulness(words, ["a"]) is None
+    assert report.paired_faithfulness([w for w in words if w["method"] == "a"], ["a", "b"]) is None
+
+
 @pytest.mark.slow
 def test_alignment_measure_and_table(tiny):
     """eval.alignment end to end on the tiny model (the gradient-activation identity itself is checked against
@@ -250,7 +276,7 @@ def test_alignment_measure_and_table(tiny):
     from eval import alignment
 
     model, _ = tiny
-    source = R.ShapesSource(_cfg("unused"))
+    source = sources.ShapesSource(_cfg("unused"))
     res = alignment.measure(model, source, range(2), [0, 1], max_words=3)
     assert len(res[0]) == len(res[1]) > 0
     for L in (0, 1):
@@ -264,6 +290,8 @@ def test_alignment_measure_and_table(tiny):
     assert all(r["norm_ratio"] == 1.0 for r in res[1])
     lines = alignment.table(res).splitlines()
     assert lines[2].startswith(f"| 0 | {len(res[0])} |") and lines[3].startswith(f"| 1 | {len(res[1])} |")
+
+
 
 
 def test_resume_guards(tiny, tmp_path):
@@ -339,7 +367,7 @@ def _words(caption: str):
 def test_shapes_alignment_recovers_reference_caption():
     for i in range(20):
         ex = shapes.make_example(shapes.split_seed("test", i))
-        infos = R.shapes_word_infos(ex, _words(ex.caption))
+        infos = sources.shapes_word_infos(ex, _words(ex.caption))
         for info, k, cls in zip(infos, ex.word_object, ex.word_class):
             if cls in ("colour", "shape"):
                 assert info.status == "matched" and info.objects == (k,)
@@ -355,7 +383,7 @@ def test_shapes_alignment_repeated_attributes_and_hallucination():
         if len(set(ex.colours)) == ex.num_objects:
             continue
         found += 1
-        infos = R.shapes_word_infos(ex, _words(ex.caption))
+        infos = sources.shapes_word_infos(ex, _words(ex.caption))
         for info, k, w in zip(infos, ex.word_object, ex.words):
             if info.word_class in ("colour", "shape", "size"):
                 assert k in info.objects
@@ -368,7 +396,7 @@ def test_shapes_alignment_repeated_attributes_and_hallucination():
     assert found >= 5
     ex = shapes.make_example(shapes.split_seed("test", 0))
     absent = next(c for c in shapes.COLOUR_NAMES if c not in ex.colours)
-    infos = R.shapes_word_infos(ex, _words(f"a {absent} {ex.shapes[0]}"))
+    infos = sources.shapes_word_infos(ex, _words(f"a {absent} {ex.shapes[0]}"))
     assert [i.status for i in infos] == ["function", "hallucinated", "matched"]
     assert infos[2].objects == (0,)
 
@@ -391,14 +419,14 @@ def _brute_caption_eval(ex, phrases):
 def test_caption_eval_matches_brute_force():
     for i in range(12):
         ex = shapes.make_example(shapes.split_seed("test", i))
-        ok = R.shapes_caption_eval(ex, ex.caption)
+        ok = sources.shapes_caption_eval(ex, ex.caption)
         assert ok["all_correct"] and ok["exact"] and ok["bound_correct"] == ex.num_objects
         # swap colours across objects and drop the last one
         cols = list(ex.colours[1:]) + [ex.colours[0]]
         text = " and ".join(f"a {c} {s}" for c, s in zip(cols, ex.shapes))
         if ex.num_objects > 1:
             text = text.rsplit(" and ", 1)[0]
-        got = R.shapes_caption_eval(ex, text)
+        got = sources.shapes_caption_eval(ex, text)
         _, col, shp, bound = _brute_caption_eval(ex, shapes.parse_caption(text))
         assert got["bound_correct"] == bound
         assert got["colour_correct"] + got["shape_correct"] + 2 * got["bound_correct"] == col + shp + 2 * bound
@@ -415,9 +443,9 @@ def test_scan_records_drops_torn_block_and_refuses_corruption(tmp_path, caplog):
                        json.dumps({"type": "example", "example": i}) + "\n")
     good = block(0) + block(1)
     p.write_text(good + json.dumps({"type": "word", "example": 2}) + "\n" + '{"type": "wo')
-    res = R.scan_records(p, repair=False)
+    res = store.scan_records(p, repair=False)
     assert res.done == {0, 1} and res.dropped_lines == 2 and p.read_text() != good
-    res = R.scan_records(p, repair=True)
+    res = store.scan_records(p, repair=True)
     assert res.done == {0, 1} and p.read_text() == good
     assert "dropping 2 line(s)" in caplog.text and "incomplete" in caplog.text
     # report ignores the same torn tail
@@ -426,7 +454,7 @@ def test_scan_records_drops_torn_block_and_refuses_corruption(tmp_path, caplog):
     assert [e["example"] for e in examples] == [0, 1] and len(words) == 2 and ignored == 1
     p.write_text(block(0) + "garbage\n" + block(1))
     with pytest.raises(ValueError, match="corrupt"):
-        R.scan_records(p, repair=True)
+        store.scan_records(p, repair=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,39 +463,39 @@ def test_scan_records_drops_torn_block_and_refuses_corruption(tmp_path, caplog):
 
 def test_flags_parse_and_replace():
     fv = flags.FlagValues()
-    R.define_flags(fv)
+    eval_config.define_flags(fv)
     fv(["prog", "--out_dir=x", "--methods=gradcam,uniform", "--layer=2", "--metric_mode=matched",
         "--temperature=0.5", "--nofunc_iou"])
-    cfg = R.config_from_flags(fv)
+    cfg = eval_config.config_from_flags(fv)
     assert cfg.methods == ("gradcam", "uniform") and cfg.layer == 2 and cfg.metric_mode == ("matched",)
     assert cfg.temperature == 0.5 and cfg.func_iou is False and cfg.gen_length is None
-    c2 = R.replace_config(cfg, {"layer": "none", "refine": "none", "method": "tam+uniform", "seed": "3",
+    c2 = eval_config.replace_config(cfg, {"layer": "none", "refine": "none", "method": "tam+uniform", "seed": "3",
                                 "func_iou": "true", "shift": "0.33"})
     assert (c2.layer, c2.refine, c2.methods, c2.seed, c2.func_iou, c2.shift) == \
         (None, "none", ("tam", "uniform"), 3, True, 0.33)
     # --aggregation reaches the CamConfig of the gradient methods it applies to, never TAM's
-    c3 = R.replace_config(cfg, {"aggregation": "gxa", "method": "diffusion_cam+tam"})
-    assert R.cam_config_for("diffusion_cam", c3).aggregation == "gxa"
-    assert R.cam_config_for("tam", c3).aggregation is None
-    assert R.cam_config_for("diffusion_cam", cfg).aggregation is None
+    c3 = eval_config.replace_config(cfg, {"aggregation": "gxa", "method": "diffusion_cam+tam"})
+    assert scoring.cam_config_for("diffusion_cam", c3).aggregation == "gxa"
+    assert scoring.cam_config_for("tam", c3).aggregation is None
+    assert scoring.cam_config_for("diffusion_cam", cfg).aggregation is None
     # --contrast: a name or an answer position
-    c4 = R.replace_config(cfg, {"contrast": "runner_up"})
-    assert R.cam_config_for("diffusion_cam", c4).contrast == "runner_up"
-    assert R.cam_config_for("diffusion_cam", R.replace_config(cfg, {"contrast": "3"})).contrast == 3
-    assert R.cam_config_for("diffusion_cam", cfg).contrast is None
-    assert R.cam_config_for("diffusion_cam", R.replace_config(cfg, {"hook": "post_attn_norm"})).hook == \
+    c4 = eval_config.replace_config(cfg, {"contrast": "runner_up"})
+    assert scoring.cam_config_for("diffusion_cam", c4).contrast == "runner_up"
+    assert scoring.cam_config_for("diffusion_cam", eval_config.replace_config(cfg, {"contrast": "3"})).contrast == 3
+    assert scoring.cam_config_for("diffusion_cam", cfg).contrast is None
+    assert scoring.cam_config_for("diffusion_cam", eval_config.replace_config(cfg, {"hook": "post_attn_norm"})).hook == \
         "post_attn_norm"
     with pytest.raises(ValueError, match="expected an integer"):
-        R.replace_config(cfg, {"layer": "two"})
+        eval_config.replace_config(cfg, {"layer": "two"})
     with pytest.raises(ValueError, match="unknown run flag"):
-        R.replace_config(cfg, {"lauer": "2"})
+        eval_config.replace_config(cfg, {"lauer": "2"})
     with pytest.raises(ValueError, match="no '='"):
         S.parse_grid("layer")
 
 
 def test_bad_flags_give_clear_errors(tiny, tmp_path):
     _, cdir = tiny
-    ok = R.RunConfig(out_dir=str(tmp_path / "o"))
+    ok = eval_config.RunConfig(out_dir=str(tmp_path / "o"))
     cases = [
         (dict(methods=("diffusion_cam", "gradcan")), "unknown method.*gradcan"),
         (dict(dataset="coco"), "needs --data_dir"),
@@ -485,7 +513,7 @@ def test_bad_flags_give_clear_errors(tiny, tmp_path):
     ]
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            R.validate(dataclasses.replace(ok, **change))
+            eval_config.validate(dataclasses.replace(ok, **change))
     # a directory that is not one of our checkpoints
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
@@ -564,7 +592,7 @@ def test_coco_reader(tmp_path):
 
 def test_grounded_word_roles(tmp_path):
     root = _fake_coco(tmp_path / "coco")
-    src = R.GroundedSource(R.RunConfig(dataset="coco", data_dir=str(root), split="val2014", out_dir="x"))
+    src = sources.GroundedSource(eval_config.RunConfig(dataset="coco", data_dir=str(root), split="val2014", out_dir="x"))
     item = src.item(0)
     words = _words("a dog and two hot dogs on the table .")
     infos = src.words(item, words)

@@ -10,7 +10,7 @@ import pytest
 
 from dcam_jax.data import shapes
 from eval import protocol as P
-from eval import run as R
+from eval import config as eval_config
 
 
 def _word(example, method, obj, iou, hit, matched=True):
@@ -21,7 +21,7 @@ def _word(example, method, obj, iou, hit, matched=True):
 
 def _run_dir(path, preset, records):
     path.mkdir(parents=True)
-    (path / R.RUN_CONFIG).write_text(json.dumps({"dataset": "shapes", "split": "validation",
+    (path / eval_config.RUN_CONFIG).write_text(json.dumps({"dataset": "shapes", "split": "validation",
                                                  "shapes_preset": preset}))
     (path / "records-00000-of-00001.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 

@@ -1,4 +1,5 @@
-"""eval.sanity: cascading randomisation of the top of the LM, rank correlation, two-object discrimination, the CLI.
+"""eval.sanity, eval.sanity_checks, eval.sanity_report: cascading randomisation of the top of the LM, rank
+correlation, two-object discrimination, the tables, the CLI.
 
 Everything but the one end-to-end run of the CLI on the embedded toy model works on numpy-built parameters,
 hand-built maps and masks, or real ShapesWorld examples with a stand-in explainer, so no model is compiled.
@@ -20,8 +21,10 @@ import pytest
 
 from dcam_jax.data import shapes
 from dcam_jax.models import config as C
-from eval import run as R
+from eval import config as eval_config
 from eval import sanity as S
+from eval import sanity_checks as SC
+from eval import sanity_report, sources
 
 ROOT = Path(__file__).resolve().parents[2]
 N_LAYERS = 4
@@ -57,9 +60,9 @@ def test_randomize_upper_changes_exactly_the_top(lm_setup, norms):
     params, cfg = lm_setup
     key = jax.random.key(3)
     layer = 1
-    assert S.max_depth(N_LAYERS, layer) == 3
-    assert S.randomize_upper(params, cfg, layer, 0, key, norms=norms)["lm"]["lm_head"] is params["lm"]["lm_head"]
-    outs = {d: S.randomize_upper(params, cfg, layer, d, key, norms=norms) for d in (1, 2, 3)}
+    assert SC.max_depth(N_LAYERS, layer) == 3
+    assert SC.randomize_upper(params, cfg, layer, 0, key, norms=norms)["lm"]["lm_head"] is params["lm"]["lm_head"]
+    outs = {d: SC.randomize_upper(params, cfg, layer, d, key, norms=norms) for d in (1, 2, 3)}
     old = params["lm"]
     for d, p in outs.items():
         new = p["lm"]
@@ -72,7 +75,7 @@ def test_randomize_upper_changes_exactly_the_top(lm_setup, norms):
         if norms == "reset":
             assert np.all(np.asarray(new["final_norm"]) == 1)
         randomised = set(range(N_LAYERS - 1, N_LAYERS - d, -1))  # the top d - 1 blocks
-        assert randomised == set(S.upper_targets(N_LAYERS, layer, d))
+        assert randomised == set(SC.upper_targets(N_LAYERS, layer, d))
         for name in STACKED:
             for i in range(N_LAYERS):
                 a, b = np.asarray(old["layers"][name][i]), np.asarray(new["layers"][name][i])
@@ -89,21 +92,21 @@ def test_randomize_upper_changes_exactly_the_top(lm_setup, norms):
         assert _same(outs[2]["lm"]["layers"][name][3], outs[3]["lm"]["layers"][name][3])
     assert _same(outs[1]["lm"]["lm_head"], outs[3]["lm"]["lm_head"])
     # a different seed gives different random tensors
-    other = S.randomize_upper(params, cfg, layer, 1, jax.random.key(4), norms=norms)
+    other = SC.randomize_upper(params, cfg, layer, 1, jax.random.key(4), norms=norms)
     assert not _same(other["lm"]["lm_head"], outs[1]["lm"]["lm_head"])
     # the LM's own pytree works too, and the input is never modified
-    lm_only = S.randomize_upper(params["lm"], cfg, layer, 2, key, norms=norms)
+    lm_only = SC.randomize_upper(params["lm"], cfg, layer, 2, key, norms=norms)
     assert _same(lm_only["layers"]["q"], outs[2]["lm"]["layers"]["q"])
     with pytest.raises(ValueError, match="depth=4"):
-        S.randomize_upper(params, cfg, layer, 4, key)
+        SC.randomize_upper(params, cfg, layer, 4, key)
 
 
 def test_depths_and_labels():
-    assert S.upper_targets(4, 1, 1) == [] and S.upper_targets(4, 1, 3) == [3, 2]
-    assert S.max_depth(4, 3) == 1  # TAM reads the last block: only the head
-    assert [S.depth_label(4, d) for d in (1, 2, 3)] == ["head", "+block 3", "+block 2"]
+    assert SC.upper_targets(4, 1, 1) == [] and SC.upper_targets(4, 1, 3) == [3, 2]
+    assert SC.max_depth(4, 3) == 1  # TAM reads the last block: only the head
+    assert [SC.depth_label(4, d) for d in (1, 2, 3)] == ["head", "+block 3", "+block 2"]
     with pytest.raises(ValueError, match="out of range"):
-        S.upper_targets(4, 4, 1)
+        SC.upper_targets(4, 4, 1)
 
 
 def test_rank_correlation_matches_scipy_and_a_hand_case():
@@ -112,17 +115,17 @@ def test_rank_correlation_matches_scipy_and_a_hand_case():
     rng = np.random.default_rng(0)
     a = np.round(rng.random((5, 6, 7)) * 4) / 4  # many ties
     b = np.round((a + rng.random((5, 6, 7))) * 3) / 3
-    r = S.rank_correlation(a, b)
+    r = SC.rank_correlation(a, b)
     assert r.shape == (5,)
     for i in range(5):
         np.testing.assert_allclose(r[i], spearmanr(a[i].ravel(), b[i].ravel()).statistic, rtol=1e-12)
     # by hand: ranks [1, 2.5, 2.5, 4] and [1, 3, 2, 4] -> 4.5 / sqrt(4.5 * 5)
-    np.testing.assert_allclose(S.rank_correlation([1, 2, 2, 3], [10, 30, 20, 40], ndim=1), 4.5 / np.sqrt(22.5))
-    assert S.rank_correlation(a[0], a[0]) == pytest.approx(1.0)
-    assert S.rank_correlation(a[0], -a[0]) == pytest.approx(-1.0)
-    assert np.isnan(S.rank_correlation(np.zeros((3, 3)), a[0, :3, :3]))  # a constant map has no ranking
+    np.testing.assert_allclose(SC.rank_correlation([1, 2, 2, 3], [10, 30, 20, 40], ndim=1), 4.5 / np.sqrt(22.5))
+    assert SC.rank_correlation(a[0], a[0]) == pytest.approx(1.0)
+    assert SC.rank_correlation(a[0], -a[0]) == pytest.approx(-1.0)
+    assert np.isnan(SC.rank_correlation(np.zeros((3, 3)), a[0, :3, :3]))  # a constant map has no ranking
     with pytest.raises(ValueError, match="different shapes"):
-        S.rank_correlation(a[0], a[1, :3])
+        SC.rank_correlation(a[0], a[1, :3])
 
 
 def test_points_at_hand_built_maps():
@@ -134,30 +137,30 @@ def test_points_at_hand_built_maps():
     on_named[0, 0] = 1.0
     on_other = np.zeros((4, 4), np.float32)
     on_other[3, 3] = 1.0
-    r = S.points_at(on_named, named, other)
+    r = SC.points_at(on_named, named, other)
     assert (r["mass"], r["density"], r["pointing"]) == (True, True, True) and r["mass_other"] == 0
-    r = S.points_at(on_other, named, other)
+    r = SC.points_at(on_other, named, other)
     assert (r["mass"], r["density"], r["pointing"]) == (False, False, False)
-    r = S.points_at(np.zeros((4, 4)), named, other)  # ties do not point
+    r = SC.points_at(np.zeros((4, 4)), named, other)  # ties do not point
     assert (r["mass"], r["density"], r["pointing"]) == (False, False, False)
     # uniform map: more mass on the larger object, equal density, the maximum everywhere
-    r = S.points_at(np.ones((4, 4)), named, other)
+    r = SC.points_at(np.ones((4, 4)), named, other)
     assert (r["mass"], r["density"], r["pointing"]) == (False, False, False)
 
 
 def _answered(index: int, text: str | None = None):
     """An Answered for a validation example with a stand-in answer (the reference caption by default)."""
-    src = R.ShapesSource(R.RunConfig(split="validation"))
+    src = sources.ShapesSource(eval_config.RunConfig(split="validation"))
     item = src.item(index)
     words = (text or item.shapes_example.caption).split()
     pairs = [(w, (k,)) for k, w in enumerate(words)]
     gen = types.SimpleNamespace(text=" ".join(words))
     pre = types.SimpleNamespace(layout=types.SimpleNamespace(shape=lambda view: (8, 8), default_view="base"))
-    return S.Answered(item, pre, gen, R.shapes_word_infos(item.shapes_example, pairs))
+    return SC.Answered(item, pre, gen, sources.shapes_word_infos(item.shapes_example, pairs))
 
 
 def test_discrimination_counts_correct_answers_and_scores_maps(monkeypatch):
-    idx, scanned = S.two_object_indices("validation", "default", 3)
+    idx, scanned = SC.two_object_indices("validation", "default", 3)
     assert len(idx) == 3 and scanned == idx[-1] + 1
     assert all(shapes.make_example(shapes.split_seed("validation", i), shapes.preset("default")).num_objects == 2
                for i in idx)
@@ -175,14 +178,14 @@ def test_discrimination_counts_correct_answers_and_scores_maps(monkeypatch):
         maps = np.stack([masks[j].astype(np.float32) for j in pick])  # at mask resolution: no resizing
         return maps, maps
 
-    monkeypatch.setattr(S, "explain_words", fake_explain)
-    res = S.discrimination(None, good + [bad], {"perfect": "perfect", "wrong": "wrong", "random": None})
-    n_words = sum(len(S._object_words(p)) for p in good)  # colour and shape words of two objects each
+    monkeypatch.setattr(SC, "explain_words", fake_explain)  # discrimination's own module
+    res = SC.discrimination(None, good + [bad], {"perfect": "perfect", "wrong": "wrong", "random": None})
+    n_words = sum(len(SC._object_words(p)) for p in good)  # colour and shape words of two objects each
     assert res["images"] == 3 and res["images_correct"] == 2 and res["words"] == n_words == 8
     assert res["methods"]["perfect"]["refined"] == {"mass": 1.0, "density": 1.0, "pointing": 1.0}
     assert res["methods"]["wrong"]["raw"] == {"mass": 0.0, "density": 0.0, "pointing": 0.0}
     assert res["methods"]["random"]["n"] == 8 and 0.0 <= res["methods"]["random"]["refined"]["mass"] <= 1.0
-    md = S.markdown({"model": {"name": "x", "n_layers": 4}, "config": {"split": "validation",
+    md = sanity_report.markdown({"model": {"name": "x", "n_layers": 4}, "config": {"split": "validation",
                                                                       "shapes_preset": "default"},
                      "discrimination": dict(res, scanned=scanned)})
     assert "| perfect | 8 | 100.0 | 100.0 | 100.0 |" in md and "| wrong | 8 | 0.0 |" in md
