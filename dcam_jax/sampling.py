@@ -294,6 +294,22 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _checked_prompt(prompt_ids, prompt_embeds, cfg) -> jax.Array:
+    """Exactly one of prompt_ids [B, P] int and prompt_embeds [B, P, D] float, checked -> the prompt array."""
+    if (prompt_ids is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompt_ids [B, P] (token ids) and prompt_embeds [B, P, D]")
+    if prompt_ids is not None:
+        prompt = jnp.asarray(prompt_ids)
+        if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+            raise ValueError(f"prompt_ids must be an int array [B, P], got {prompt.dtype} {prompt.shape}")
+        return prompt.astype(jnp.int32)
+    prompt = jnp.asarray(prompt_embeds)
+    if prompt.ndim != 3 or prompt.shape[-1] != cfg.d_model or not jnp.issubdtype(prompt.dtype, jnp.floating):
+        raise ValueError(f"prompt_embeds must be a float array [B, P, {cfg.d_model}], "
+                         f"got {prompt.dtype} {prompt.shape}")
+    return prompt
+
+
 def sample(params, config, prompt_ids=None, *, key, gen_length: int, block_length: int, steps: int,
            temperature: float = 0.0, remasking: str = "low_confidence", schedule: str = "uniform",
            shift: float = 3.0, attention: str = "full", prefix_cache: bool = False, prompt_embeds=None,
@@ -328,18 +344,7 @@ def sample(params, config, prompt_ids=None, *, key, gen_length: int, block_lengt
     For the multimodal models: ``sample(model.params, model.config, prompt_embeds=embeds, valid_len=lens, ...)``.
     """
     lm, cfg = _split_params(params, config)
-    if (prompt_ids is None) == (prompt_embeds is None):
-        raise ValueError("pass exactly one of prompt_ids [B, P] (token ids) and prompt_embeds [B, P, D]")
-    if prompt_ids is not None:
-        prompt = jnp.asarray(prompt_ids)
-        if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-            raise ValueError(f"prompt_ids must be an int array [B, P], got {prompt.dtype} {prompt.shape}")
-        prompt = prompt.astype(jnp.int32)
-    else:
-        prompt = jnp.asarray(prompt_embeds)
-        if prompt.ndim != 3 or prompt.shape[-1] != cfg.d_model or not jnp.issubdtype(prompt.dtype, jnp.floating):
-            raise ValueError(f"prompt_embeds must be a float array [B, P, {cfg.d_model}], "
-                             f"got {prompt.dtype} {prompt.shape}")
+    prompt = _checked_prompt(prompt_ids, prompt_embeds, cfg)
     B, P = prompt.shape[:2]
     if B < 1 or P < 1:
         raise ValueError(f"prompt must have at least one row and one token, got shape {prompt.shape}")

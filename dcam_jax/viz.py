@@ -103,15 +103,23 @@ def save_overlays(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], ou
     return paths
 
 
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (unless a backend is already in use), imported on
+    first use so that the library itself does not need matplotlib at import time."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def summary_figure(image: np.ndarray, maps: np.ndarray, tokens: Sequence[str], answer: str,
                    path: str | os.PathLike, *, title: str | None = None, max_tokens: int = 12,
                    raw_maps: np.ndarray | None = None) -> Path:
     """One PNG: the image, the answer with the explained words marked, and a row of overlays (optionally a second
     row with the raw maps before refinement)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     maps = np.asarray(maps)[:max_tokens]
     tokens = list(tokens)[:max_tokens]
@@ -147,10 +155,7 @@ def method_grid(images: Sequence[np.ndarray], labels: Sequence[str], maps: dict[
     images: R images [H, W, 3] uint8; labels: R row labels (e.g. the explained word); maps: method name -> R maps
     [h, w] in [0, 1]; masks: R bool [H, W] or None.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     R = len(images)
     if len(labels) != R or any(len(v) != R for v in maps.values()):

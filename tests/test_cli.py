@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import dcam_jax as dj
-from dcam_jax import api, cli
+from dcam_jax import api, cli, fileio, viz
 
 
 
@@ -60,7 +60,6 @@ def test_explain_end_to_end(tiny_ckpt, image_path, tmp_path, capsys):
             assert im.size[0] > 0
     assert not list(tmp_path.glob(".dcam_tmp_*"))  # the staging directory is gone
     # The overlays show the maps aligned with the (non-square) image: the pad layout's padding cut off first.
-    from dcam_jax import viz
 
     shown = viz.display_image(np.asarray(Image.open(image_path).convert("RGB")))
     with Image.open(pngs[0]) as im:
@@ -102,7 +101,6 @@ def test_output_folder_is_owned_per_run(tiny_ckpt, image_path, tmp_path, capsys)
 
 
 def test_display_image_bounds_the_picture():
-    from dcam_jax import viz
 
     small = np.zeros((64, 48, 3), np.uint8)
     assert viz.display_image(small).shape == (256, 192, 3)  # enlarged 4x, nearest
@@ -112,6 +110,17 @@ def test_display_image_bounds_the_picture():
     assert viz.display_image(mid) is mid
     with pytest.raises(ValueError, match="uint8"):
         viz.display_image(np.zeros((4, 4, 3)))
+
+
+def test_pyplot_draws_without_a_display(tmp_path):
+    plt = viz.pyplot()
+    import matplotlib
+
+    assert matplotlib.get_backend().lower() == "agg"
+    fig, ax = plt.subplots(1, 1, figsize=(1, 1))
+    ax.plot([0, 1], [1, 0])
+    path = fileio.save_figure(fig, tmp_path / "line.png", dpi=20)
+    assert Image.open(path).size == (20, 20)
 
 
 def test_info(tiny_ckpt, capsys):

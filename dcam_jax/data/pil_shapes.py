@@ -376,7 +376,8 @@ def caption_words(colours, shapes_, centres_yx) -> tuple[tuple[str, ...], tuple[
 
 
 def make_example(seed: int, config: PilShapesConfig = PilShapesConfig()) -> sw.Example:
-    """One PIL-drawn example, a pure function of (seed, config).
+    """One PIL-drawn example, a pure function of (seed, config). One function on purpose: the order of its
+    random draws defines the set.
 
     Returns a ``shapes.Example``: image [H, W, 3] uint8, masks [N, H, W] bool (exact, disjoint), label_map [H, W]
     uint8 (k + 1 = object k of the caption), caption, words, word_object, word_class, shapes, colours, sizes,

@@ -34,6 +34,59 @@ class FaithfulnessCurves:
     insertion_auc: float
 
 
+def _checked_inputs(score_fn, image, map_hw, num_steps, patch, baseline, batch_size):
+    """Validate the arguments of :func:`deletion_insertion_curves`; -> (image [H, W, C], map [h, w] float,
+    baseline [H, W, C] in the image's dtype)."""
+    img = np.asarray(image)
+    if img.ndim != 3 or img.size == 0:
+        raise ValueError(f"image must be [H, W, C] with at least one pixel, got shape {img.shape}.")
+    if img.dtype.kind not in "fiu":
+        raise ValueError(f"image must be a numeric array, got dtype {img.dtype}.")
+    if img.dtype.kind == "f" and not np.all(np.isfinite(img)):
+        raise ValueError("image contains NaN or infinite values.")
+    m = _as_float_map(map_hw, "map_hw")
+    _check_nonnegative(m, "map_hw")
+    for name, v in (("num_steps", num_steps), ("patch", patch), ("batch_size", batch_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}.")
+    if not callable(score_fn):
+        raise ValueError(f"score_fn must be callable images [N, H, W, C] -> [N], got {score_fn!r}.")
+    try:
+        base = np.broadcast_to(np.asarray(baseline), img.shape)
+    except ValueError as err:
+        raise ValueError(
+            f"baseline with shape {np.shape(baseline)} does not broadcast to image shape "
+            f"{img.shape}."
+        ) from err
+    if base.dtype.kind not in "fiu" or (base.dtype.kind == "f" and not np.all(np.isfinite(base))):
+        raise ValueError("baseline must be finite and numeric.")
+    return img, m, base.astype(img.dtype)
+
+
+def _cell_ranks(m: np.ndarray, size: tuple[int, int], num_steps: int, patch: int):
+    """Rank the image's ``patch x patch`` cells by the mean of the map resized to ``size`` = (H, W), ties by
+    raster order. -> (rank of each pixel's cell [H, W], cells taken per step [S + 1], fraction of the image
+    taken per step [S + 1])."""
+    height, width = size
+    m = resize_map(m, (height, width)).astype(np.float64)
+    n_cy, n_cx = -(-height // patch), -(-width // patch)
+    n_cells = n_cy * n_cx
+    if num_steps > n_cells:
+        raise ValueError(
+            f"num_steps={num_steps} exceeds the {n_cells} cells of a {height}x{width} image with "
+            f"patch={patch}; use fewer steps or a smaller patch."
+        )
+    cell_of_pixel = (np.arange(height) // patch)[:, None] * n_cx + (np.arange(width) // patch)[None]
+    cell_sum = np.bincount(cell_of_pixel.ravel(), weights=m.ravel(), minlength=n_cells)
+    cell_size = np.bincount(cell_of_pixel.ravel(), minlength=n_cells)
+    order = np.argsort(-(cell_sum / cell_size), kind="stable")
+    rank_of_cell = np.empty(n_cells, dtype=np.int64)
+    rank_of_cell[order] = np.arange(n_cells)
+    n_top = (np.arange(num_steps + 1) * n_cells) // num_steps  # [S + 1] cells taken per step
+    pixels_done = np.concatenate([[0], np.cumsum(cell_size[order])])[n_top]
+    return rank_of_cell[cell_of_pixel], n_top, pixels_done / (height * width)
+
+
 def deletion_insertion_curves(
     score_fn: Callable[[np.ndarray], Any],
     image: Any,
@@ -70,51 +123,8 @@ def deletion_insertion_curves(
     Returns:
       :class:`FaithfulnessCurves`.
     """
-    img = np.asarray(image)
-    if img.ndim != 3 or img.size == 0:
-        raise ValueError(f"image must be [H, W, C] with at least one pixel, got shape {img.shape}.")
-    if img.dtype.kind not in "fiu":
-        raise ValueError(f"image must be a numeric array, got dtype {img.dtype}.")
-    if img.dtype.kind == "f" and not np.all(np.isfinite(img)):
-        raise ValueError("image contains NaN or infinite values.")
-    height, width, _ = img.shape
-    m = _as_float_map(map_hw, "map_hw")
-    _check_nonnegative(m, "map_hw")
-    for name, v in (("num_steps", num_steps), ("patch", patch), ("batch_size", batch_size)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}.")
-    if not callable(score_fn):
-        raise ValueError(f"score_fn must be callable images [N, H, W, C] -> [N], got {score_fn!r}.")
-    try:
-        base = np.broadcast_to(np.asarray(baseline), img.shape)
-    except ValueError as err:
-        raise ValueError(
-            f"baseline with shape {np.shape(baseline)} does not broadcast to image shape "
-            f"{img.shape}."
-        ) from err
-    if base.dtype.kind not in "fiu" or (base.dtype.kind == "f" and not np.all(np.isfinite(base))):
-        raise ValueError("baseline must be finite and numeric.")
-    base = base.astype(img.dtype)
-
-    m = resize_map(m, (height, width)).astype(np.float64)
-    n_cy, n_cx = -(-height // patch), -(-width // patch)
-    n_cells = n_cy * n_cx
-    if num_steps > n_cells:
-        raise ValueError(
-            f"num_steps={num_steps} exceeds the {n_cells} cells of a {height}x{width} image with "
-            f"patch={patch}; use fewer steps or a smaller patch."
-        )
-    cell_of_pixel = (np.arange(height) // patch)[:, None] * n_cx + (np.arange(width) // patch)[None]
-    cell_sum = np.bincount(cell_of_pixel.ravel(), weights=m.ravel(), minlength=n_cells)
-    cell_size = np.bincount(cell_of_pixel.ravel(), minlength=n_cells)
-    order = np.argsort(-(cell_sum / cell_size), kind="stable")
-    rank_of_cell = np.empty(n_cells, dtype=np.int64)
-    rank_of_cell[order] = np.arange(n_cells)
-    rank_hw = rank_of_cell[cell_of_pixel]
-
-    n_top = (np.arange(num_steps + 1) * n_cells) // num_steps  # [S + 1] cells taken per step
-    pixels_done = np.concatenate([[0], np.cumsum(cell_size[order])])[n_top]
-    fractions = pixels_done / (height * width)
+    img, m, base = _checked_inputs(score_fn, image, map_hw, num_steps, patch, baseline, batch_size)
+    rank_hw, n_top, fractions = _cell_ranks(m, img.shape[:2], num_steps, patch)
 
     # Row j < S + 1 is deletion step j; row S + 1 + j is insertion step j.
     n_images = 2 * (num_steps + 1)

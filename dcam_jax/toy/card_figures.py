@@ -88,12 +88,11 @@ def cannot_examples() -> list[tuple[np.ndarray, str]]:
 def grid(items: Sequence[tuple[np.ndarray, str, str]], path: str | os.PathLike, title: str,
          columns: int = 4) -> Path:
     """A figure of images with two captions each (truth, model). items: (image, truth, answer)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     import textwrap
+
+    from dcam_jax.viz import pyplot
+
+    plt = pyplot()
 
     rows = -(-len(items) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 4.6 * rows), squeeze=False)

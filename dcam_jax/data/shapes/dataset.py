@@ -21,6 +21,9 @@ from dcam_jax.data.shapes.layout import LAYOUT_TRIES, _place_objects, _relations
 def make_example(seed: int, config: ShapesConfig = ShapesConfig()) -> Example:
     """Generate one example, a pure function of (seed, config).
 
+    It stays one function on purpose: the order of its random draws defines every split, and that
+    order is easiest to keep fixed when it reads top to bottom in one place.
+
     Clutter is drawn from the random stream last, so switching it off (or changing its amount)
     leaves the background and every object unchanged.
 

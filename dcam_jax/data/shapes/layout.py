@@ -62,7 +62,9 @@ def _place_objects(rng: np.random.Generator, c: ShapesConfig, count: int,
                    colours: tuple[str, ...], box: tuple[int, int, int, int]) -> list[_Placed]:
     """Sample attributes and positions of ``count`` objects in drawing order, honouring the
     occlusion limits (an object that finds no place is dropped). Colours come from ``colours``;
-    objects lie inside ``box`` = (top, left, height, width) in pixels."""
+    objects lie inside ``box`` = (top, left, height, width) in pixels.
+
+    One function on purpose: its random draws, in this order, define the splits."""
     n = c.image_size
     top, left, box_h, box_w = box
     # Few, batched draws: each Generator call costs more than the numbers it returns.
