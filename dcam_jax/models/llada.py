@@ -202,10 +202,6 @@ def layer_params(layers: Params, i: int) -> Params:
     return jax.tree.map(lambda a: a[i], layers)
 
 
-def _slice_layers(layers: Params, start: int, stop: int) -> Params:
-    return jax.tree.map(lambda a: a[start:stop], layers)
-
-
 def run_blocks(layers: Params, cfg: LMConfig, h: jax.Array, *, positions: jax.Array, bias=None,
                start: int = 0, stop: int | None = None, cache_kv=None, return_kv: bool = False,
                grad_rule: str = "standard"):
@@ -229,16 +225,23 @@ def run_blocks(layers: Params, cfg: LMConfig, h: jax.Array, *, positions: jax.Ar
             return h, (empty, empty)
         return h
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    sub = _slice_layers(layers, start, stop)
+    if start == 0 and stop == cfg.n_layers:
+        xs, layer_params = layers, lambda lp: lp
+    else:
+        # Scan over the block indices and read each block's params out of the whole stack: a slice
+        # layers[start:stop] would be copied (XLA materialises it before the scan), as much memory as those weights.
+        xs = jnp.arange(start, stop)
+        layer_params = lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False),
+                                              layers)
 
-    def body(carry, xs):
-        lp, ckv = xs
-        out, kv = block(lp, carry, cos, sin, bias, cfg, ckv, grad_rule)
+    def body(carry, x):
+        lx, ckv = x
+        out, kv = block(layer_params(lx), carry, cos, sin, bias, cfg, ckv, grad_rule)
         return out, (kv if return_kv else None)
 
     if cfg.remat:
         body = jax.checkpoint(body)
-    h, kvs = jax.lax.scan(body, h, (sub, cache_kv))
+    h, kvs = jax.lax.scan(body, h, (xs, cache_kv))
     return (h, kvs) if return_kv else h
 
 

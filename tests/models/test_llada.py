@@ -81,6 +81,29 @@ def test_split_at_layer_equals_full_pass():
                                np.asarray(llada.lm_logits(p, cfg, ids)), atol=1e-6)
 
 
+def test_a_block_range_reads_the_stacked_weights_without_copying_them():
+    # XLA would materialise layers[start:stop] before the scan: at 8B that is gigabytes of weights copied per call.
+    cfg = C.tiny_lm(d_model=256, n_layers=6, head_dim=64, mlp_hidden=1024, vocab_size=64)
+    layers = llada.init_lm_params(jax.random.key(0), cfg)["layers"]
+    weights = sum(a.nbytes for a in jax.tree.leaves(layers))
+    h = jnp.zeros((1, 8, cfg.d_model), jnp.float32)
+    pos = jnp.arange(8)[None]
+    temp = {}
+    for start, stop in ((0, 6), (2, 6), (0, 4)):
+        f = jax.jit(lambda L, h, a=start, b=stop: llada.run_blocks(L, cfg, h, positions=pos, start=a, stop=b))
+        temp[start, stop] = f.lower(layers, h).compile().memory_analysis().temp_size_in_bytes
+    # a part of the stack needs no more scratch memory than the whole (up to its index vector), far less than its
+    # own weights
+    assert temp[2, 6] <= temp[0, 6] + 1024 and temp[0, 4] <= temp[0, 6] + 1024, temp
+    # the measurement sees a copy: slicing the stack inside the jitted function costs the slice's weights
+    cfg4 = C.tiny_lm(d_model=256, n_layers=4, head_dim=64, mlp_hidden=1024, vocab_size=64)
+    sliced = jax.jit(lambda L, h: llada.run_blocks(jax.tree.map(lambda a: a[2:6], L), cfg4, h, positions=pos))
+    copied = sliced.lower(layers, h).compile().memory_analysis().temp_size_in_bytes
+    assert copied >= temp[0, 6] + 0.9 * weights * 4 / 6, (copied, temp, weights)
+    x = llada.run_blocks(layers, cfg, h + 1.0, positions=pos, start=2, stop=6)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(sliced(layers, h + 1.0)))
+
+
 def test_remat_and_jit_equal_eager():
     cfg = CFG_MHA
     p = _random_params(cfg, 8)
