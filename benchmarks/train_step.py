@@ -24,6 +24,7 @@ from dcam_jax.processing import image as pimg
 from dcam_jax.processing import text as ptext
 from dcam_jax.toy import model as tm
 from dcam_jax.toy import tokenizer as toy_tok
+from dcam_jax.toy import tower_heads as th
 
 MODULES = (llada, siglip, projector)
 
@@ -59,7 +60,7 @@ def main():
         tok = ptext.load_tokenizer(toy_tok.save_tokenizer(f"{tmp}/tok"))
     geom, ids = tm.toy_geometry(cfg), tm.prompt_ids(cfg, tok)
     params = tm.init_toy_params(jax.random.key(0), cfg)
-    heads = tm.init_object_heads(jax.random.key(1), cfg.lm.d_model)
+    heads = th.init_object_heads(jax.random.key(1), cfg.lm.d_model)
     b = shapes.batch("train", range(a.batch), shapes.preset("default"))
     hb = tm.make_host_batch(b, cfg, tok, pimg.ImageProcessor(cfg), 32)
 
@@ -68,7 +69,7 @@ def main():
                                  freeze_tower=True, pad_weight=0.05).loss
 
     def tower_loss(p, h):
-        return tm.object_losses(p, h, cfg, geom, hb.pixel_values, hb.obj_weights_base, hb.obj_weights_hi,
+        return th.object_losses(p, h, cfg, geom, hb.pixel_values, hb.obj_weights_base, hb.obj_weights_hi,
                                 hb.obj_shape, hb.obj_colour, hb.obj_centre, hb.obj_relation).loss
 
     results = {}

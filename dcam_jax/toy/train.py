@@ -49,12 +49,14 @@ from typing import Callable
 import jax
 import numpy as np
 
+from dcam_jax.data import shapes
 from dcam_jax.models import config as config_lib
 from dcam_jax.models.config import MLLMConfig
 from dcam_jax.processing import image as pimg
 from dcam_jax.processing import text as ptext
 from dcam_jax.toy import model as tm
 from dcam_jax.toy import tokenizer as toy_tok
+from dcam_jax.toy import tower_heads as th
 from dcam_jax.toy import train_phases as phases
 from dcam_jax.toy.train_config import TrainConfig, parse_curriculum, preset_at, stage_at  # noqa: F401  (re-exported)
 from dcam_jax.toy.train_phases import Params, make_optimizer  # noqa: F401  (re-exported)
@@ -99,7 +101,7 @@ def train(tcfg: TrainConfig, config: MLLMConfig, tokenizer, *, log: Callable[[di
 
     run = phases.Run(tcfg=tcfg, config=config, tokenizer=tokenizer, processor=processor, geometry=geometry, ids=ids,
                      mask_key=k_train, emit=emit, progress=progress, log_every=log_every, t_start=time.time())
-    heads = tm.init_object_heads(k_heads, config.lm.d_model)
+    heads = th.init_object_heads(k_heads, config.lm.d_model)
     for steps, phase in ((tcfg.view_steps, phases.train_tower_on_views),
                          (tcfg.tower_steps, phases.train_tower_on_images),
                          (tcfg.lm_steps, phases.train_captioning),
@@ -223,6 +225,7 @@ def main(argv):
                 log_file.close()
         wall = time.time() - t0
         info = {"trained_by": "python -m dcam_jax.toy.train", "train_config": dataclasses.asdict(tcfg),
+                "shapes_generator": shapes.GENERATOR_VERSION,
                 "init_checkpoint": F.init_checkpoint, "init_parts": F.init_parts if F.init_checkpoint else None,
                 "train_wall_time_s": round(wall, 1),
                 "phase_end_time_s": {r["phase"]: r["time_s"] for r in history},

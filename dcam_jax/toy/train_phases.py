@@ -22,6 +22,7 @@ from dcam_jax.data import shapes
 from dcam_jax.models.config import MLLMConfig
 from dcam_jax.processing import image as pimg
 from dcam_jax.toy import model as tm
+from dcam_jax.toy import tower_heads as th
 from dcam_jax.toy.train_config import TrainConfig, preset_at, stage_at
 
 Params = dict[str, Any]
@@ -190,7 +191,7 @@ def train_tower_on_views(run: Run, params: Params, heads: Params) -> tuple[Param
 
     params, heads = _tower_phase(
         run, params, heads, "tower pretraining (single views)", tcfg.view_steps, tcfg.view_lr, view_batch,
-        lambda p, h, b: tm.view_losses(p, h, pre_config, *b, rms_weight=tcfg.token_rms_weight), "views")
+        lambda p, h, b: th.view_losses(p, h, pre_config, *b, rms_weight=tcfg.token_rms_weight), "views")
     if small:
         params = {**params, "vision": {**params["vision"], "pos_embed": tm.resize_pos_embed(
             params["vision"]["pos_embed"], vc.grid)}}
@@ -210,7 +211,7 @@ def train_tower_on_images(run: Run, params: Params, heads: Params) -> tuple[Para
 
     return _tower_phase(
         run, params, heads, "tower pretraining (images)", tcfg.tower_steps, tcfg.tower_lr, image_batch,
-        lambda p, h, b: tm.object_losses(p, h, run.config, run.geometry, *b, rms_weight=tcfg.token_rms_weight),
+        lambda p, h, b: th.object_losses(p, h, run.config, run.geometry, *b, rms_weight=tcfg.token_rms_weight),
         "images")
 
 

@@ -18,6 +18,7 @@ from dcam_jax.processing import text as ptext
 from dcam_jax.toy import evaluate as tev
 from dcam_jax.toy import model as tm
 from dcam_jax.toy import tokenizer as toy_tok
+from dcam_jax.toy import tower_heads as th
 from dcam_jax.toy import train as ttrain
 
 ASSET = Path(__file__).resolve().parents[2] / "dcam_jax" / "assets" / "toy"
@@ -349,8 +350,8 @@ def test_object_losses_pool_over_masks(tok, layout):
     hb, _ = _host_batch(tok, layout)
     cfg, params = tiny_config(layout), tiny_params(layout=layout)
     g = tm.toy_geometry(cfg)
-    heads = tm.init_object_heads(jax.random.key(1), cfg.lm.d_model, scale=1.0)
-    out = tm.object_losses(params, heads, cfg, g, jnp.asarray(hb.pixel_values), hb.obj_weights_base,
+    heads = th.init_object_heads(jax.random.key(1), cfg.lm.d_model, scale=1.0)
+    out = th.object_losses(params, heads, cfg, g, jnp.asarray(hb.pixel_values), hb.obj_weights_base,
                            hb.obj_weights_hi, hb.obj_shape, hb.obj_colour, hb.obj_centre)
     blocks = np.asarray(tm.image_blocks(params, cfg, jnp.asarray(hb.pixel_values), g), np.float64)
     B, _, D = blocks.shape
@@ -372,7 +373,7 @@ def test_object_losses_pool_over_masks(tok, layout):
                                    err_msg=field)
     # the pooling alone: the mask-weighted mean of the tokens
     w = hb.obj_weights_base[0, 0]
-    pooled = tm.pool_objects(jnp.asarray(base[:1], jnp.float32), jnp.asarray(w[None, None]))[0, 0]
+    pooled = th.pool_objects(jnp.asarray(base[:1], jnp.float32), jnp.asarray(w[None, None]))[0, 0]
     np.testing.assert_allclose(pooled, (base[0] * w[..., None]).sum((0, 1)) / w.sum(), rtol=1e-4, atol=1e-6)
 
 
@@ -395,10 +396,10 @@ def test_token_rms_penalty_closed_form_and_in_the_losses(host_batch, tok):
             jax.random.key(3))
     base, withp = (float(tm.diffusion_loss(*args, rms_weight=w).loss) for w in (0.0, 0.5))
     np.testing.assert_allclose(withp - base, 0.5 * pen, rtol=1e-4)
-    heads = tm.init_object_heads(jax.random.key(1), cfg.lm.d_model)
+    heads = th.init_object_heads(jax.random.key(1), cfg.lm.d_model)
     obj = (params, heads, cfg, g, pix, hb.obj_weights_base, hb.obj_weights_hi, hb.obj_shape, hb.obj_colour,
            hb.obj_centre)
-    base, withp = (float(tm.object_losses(*obj, rms_weight=w).loss) for w in (0.0, 0.5))
+    base, withp = (float(th.object_losses(*obj, rms_weight=w).loss) for w in (0.0, 0.5))
     np.testing.assert_allclose(withp - base, 0.5 * pen, rtol=1e-4)
 
 
@@ -746,11 +747,12 @@ def test_shipped_checkpoint_loads_and_captions():
 
 
 def test_shipped_checkpoint_was_trained_with_the_defaults():
-    # `python -m dcam_jax.toy.train` with no flags must be the recipe of the shipped weights (the assets README
-    # says so), so a change of a TrainConfig default without retraining fails here
+    # `python -m dcam_jax.toy.train` with no flags must be the recipe of the shipped weights (the model card says
+    # so), so a change of a TrainConfig default, or of ShapesWorld's generator, without retraining fails here
     info = json.loads((ASSET / "dcam_checkpoint.json").read_text())["info"]
     assert info["trained_by"] == "python -m dcam_jax.toy.train" and info["init_checkpoint"] is None
     assert info["train_config"] == json.loads(json.dumps(dataclasses.asdict(ttrain.TrainConfig())))
+    assert info["shapes_generator"] == shapes.GENERATOR_VERSION
 
 
 def test_shared_prefix_logits_match_prefix_lm(host_batch, tok):
