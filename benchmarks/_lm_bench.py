@@ -1,8 +1,10 @@
 """Shared setup of the attribution benchmarks (explain.py, torch_reference.py): the flags of a random
-LaViDa-shaped LM and image layout, the model built from them, and a median timer."""
+LaViDa-shaped LM and image layout and the model built from them; and the timers (gpu_scale.py uses them too): a
+median over repeats, and the first call's wall time with the XLA compile time spent inside it."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import types
@@ -56,16 +58,39 @@ def build(dtype: str = "float32"):
         targets=list(range(FLAGS.targets)))
 
 
-def timed(fn, block: bool = True) -> float:
-    """Median wall time of ``fn()`` over FLAGS.repeats calls after one warm-up call (``block``: wait for JAX)."""
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compile_seconds: list[float] = []  # every XLA compile of this process, in order
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **_: _compile_seconds.append(seconds) if event == _BACKEND_COMPILE_EVENT else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """first_s: wall time of the first call (tracing, compiling and one run); compile_s: the XLA compile time
+    spent inside it (summed over every function it compiled); median_s: median wall time of the repeats after it."""
+
+    first_s: float
+    compile_s: float
+    median_s: float
+
+
+def first_call(fn, block: bool = True):
+    """Run ``fn()`` once (``block``: wait for JAX's results) -> (its output, wall seconds, XLA compile seconds
+    spent inside the call)."""
+    n = len(_compile_seconds)
+    t0 = time.perf_counter()
     out = fn()
     if block:
         jax.block_until_ready(out)
-    ts = []
-    for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        if block:
-            jax.block_until_ready(out)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return out, time.perf_counter() - t0, sum(_compile_seconds[n:])
+
+
+def measure(fn, repeats: int, block: bool = True) -> Timing:
+    """Time ``fn()``: one first call, then ``repeats`` >= 1 timed calls (``block``: wait for JAX's results)."""
+    first, compile_s = first_call(fn, block)[1:]
+    return Timing(first, compile_s, statistics.median([first_call(fn, block)[1] for _ in range(repeats)]))
+
+
+def timed(fn, block: bool = True) -> float:
+    """Median wall time of ``fn()`` over FLAGS.repeats calls after one warm-up call (``block``: wait for JAX)."""
+    return measure(fn, FLAGS.repeats, block).median_s

@@ -1,5 +1,7 @@
 """The benchmark scripts run at tiny size (their figures are never asserted: benchmarks/RESULTS.md holds them)."""
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +38,78 @@ def test_explain_benchmark_runs():
     out = _run("explain.py", "--d_model=64", "--n_layers=3", "--n_heads=2", "--mlp_hidden=128", "--vocab=256",
                "--grid=4", "--answer_len=8", "--targets=4", "--repeats=1")
     assert "speedup of one call over one call per token" in out and "noise x4 cost relative to x1" in out
+
+
+@pytest.mark.slow
+def test_gpu_scale_prints_every_row_at_tiny_shape(tmp_path):
+    out_json = tmp_path / "gpu_scale.json"
+    out = _run("gpu_scale.py", "--scale=64", "--repeats=1", "--image=384x384", "--text_tokens=8", "--answer_len=16",
+               "--steps=8", "--batch_size=4", f"--json_out={out_json}")
+    names = ["image tokens: tower + projector (3 views)", "sampling, 8 steps, no prefix cache",
+             "sampling, 8 steps, prefix cache", "forward: image tokens + LM, logits at every position",
+             "attribution, 1 token (decision probe)", "attribution, 16 tokens in one call (decision probe)"]
+    for name in names:
+        assert name in out, name
+    assert "card: unknown" in out and "peak device memory: n/a" in out  # CPU: no peak table entry, no stats
+    assert "attribution per explained token" in out and "identical tokens: True" in out
+    rep = json.loads(out_json.read_text())
+    assert [r["name"] for r in rep["rows"]] == names
+    for r in rep["rows"]:
+        for k in ("first_s", "median_s", "tflop", "tflops"):
+            assert math.isfinite(r[k]) and r[k] > 0, (r["name"], k, r[k])
+        assert math.isfinite(r["compile_s"]) and r["compile_s"] >= 0
+        assert r["peak_fraction"] is None and r["peak_bytes_in_use"] is None
+    seq = rep["sequence"]
+    assert seq["total"] == seq["image"] + seq["text"] + seq["answer"] and seq["answer"] == 16
+    assert rep["config"]["lm"]["d_model"] == 64 and rep["cam"]["grad_rule"] == "conservative"
+
+
+# gpu_scale's FLOP counts against XLA's own count of the compiled programs. One-layer models (two for the attribution,
+# hooked at block 0), since XLA counts a scan's body once; XLA also counts the elementwise work, so its figure is a
+# little higher.
+_FLOP_CHECK = r"""
+import json, jax, jax.numpy as jnp
+from absl import flags
+flags.FLAGS(["check"])
+import gpu_scale as gs
+from dcam_jax import sampling as gen
+from dcam_jax.cam import attribution as attr
+from dcam_jax.models import config as C, llada, mllm
+
+def xla(f, *args):
+    c = jax.jit(f).lower(*args).compile().cost_analysis()
+    return (c[0] if isinstance(c, list) else c)["flops"]
+
+sds = jax.ShapeDtypeStruct
+lm = C.LMConfig(vocab_size=2048, d_model=256, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=64, mlp_hidden=768,
+                mask_id=2047, eos_id=2046, pad_id=2046, bos_id=2045, eot_id=2044, dtype="float32")
+cfg = C.lavida("float32").replace(lm=lm, vision=C.VisionConfig(width=256, depth=1, num_heads=4, mlp_dim=1024))
+T, G = 384, 32
+init = lambda c: jax.eval_shape(lambda: mllm.init_mllm_params(jax.random.key(0), c))
+p = init(cfg)
+out = {"forward": (xla(lambda p, x: llada.lm_logits(p, lm, x), p, sds((1, T), jnp.int32)), gs.lm_flops(lm, T, T, T)),
+       "tower": (xla(lambda p, x: mllm.encode_views(p, cfg, x), p, sds((2, 384, 384, 3), jnp.float32)),
+                 gs.image_flops(cfg, 2))}
+sample = lambda p, e: gen.sample(p, lm, key=jax.random.key(0), gen_length=G, block_length=G, steps=1,
+                                 attention="prefix_lm", prompt_embeds=e).tokens
+out["sampling"] = (xla(sample, p["lm"], sds((1, T - G, 256), jnp.float32)), gs.sampling_flops(lm, T - G, G, 1, False))
+cfg2 = cfg.replace(lm=C.LMConfig(**{**C.to_dict(lm), "n_layers": 2}))
+p2, img, one = init(cfg2), jnp.arange(64, dtype=jnp.int32).reshape(8, 8), jnp.array([3])
+for rule in attr.GRAD_RULES:
+    spec = attr.GradSpec(layer=0, attention="prefix_lm", aggregation="gxa", grad_rule=rule)
+    f = lambda p, e, st: attr.state_maps(p, cfg2, spec, e, img, st, st, jnp.ones(G, bool), one, one, one, one)
+    out["attribution " + rule] = (xla(f, p2, sds((T - G, 256), jnp.float32), sds((G,), jnp.int32)),
+                                  gs.attribution_flops(cfg2.lm, T, 0, rule, 1))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_scale_flop_counts_match_xla_cost_analysis():
+    r = subprocess.run([sys.executable, "-c", _FLOP_CHECK], capture_output=True, text=True, cwd=ROOT / "benchmarks",
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(counts) == 6
+    for name, (xla, ours) in counts.items():
+        assert 1.0 <= xla / ours <= 1.03, (name, xla, ours)
