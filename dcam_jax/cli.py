@@ -128,17 +128,6 @@ def clean_stale_temp(parent: Path) -> list[Path]:
     return removed
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _targets(values):
     if len(values) == 1 and values[0] in ("content", "all"):
         return values[0]
@@ -235,6 +224,7 @@ def _run_record(F, model, image_source, prompt, sampling, argv) -> dict:
     import dataclasses
 
     import dcam_jax as dj
+    from dcam_jax.fileio import file_sha256
 
     meta = Path(model.path) / "dcam_checkpoint.json"
     image = {"path": str(Path(image_source).resolve())} if isinstance(image_source, (str, os.PathLike)) else {}

@@ -70,8 +70,8 @@ def test_explain_end_to_end(tiny_ckpt, image_path, tmp_path, capsys):
     assert run["command"][:2] == ["dcam", "explain"] and run["seed"] == 0
     assert run["prompt"] == "describe the image" and run["dcam_jax_version"] == dj.__version__
     assert run["checkpoint"]["path"] == str(tiny_ckpt.resolve())
-    assert run["checkpoint"]["metadata_sha256"] == cli.file_sha256(tiny_ckpt / "dcam_checkpoint.json")
-    assert run["image"]["sha256"] == cli.file_sha256(image_path)
+    assert run["checkpoint"]["metadata_sha256"] == fileio.file_sha256(tiny_ckpt / "dcam_checkpoint.json")
+    assert run["image"]["sha256"] == fileio.file_sha256(image_path)
     assert run["sampling"]["gen_length"] == api.default_sampling(m.config).gen_length
     assert data["config"]["method"] == "diffusion_cam"
 

@@ -34,3 +34,14 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
     assert p.read_bytes() == b"old" and sorted(f.name for f in tmp_path.iterdir()) == ["fig.png"]
     fileio.write_bytes(p, b"new")
     assert p.read_bytes() == b"new"
+
+
+def test_file_sha256_reads_in_chunks_and_matches_hashlib(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 9000  # over two 1 MiB chunks
+    p = tmp_path / "blob.bin"
+    p.write_bytes(data)
+    assert fileio.file_sha256(p) == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert fileio.file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
