@@ -246,8 +246,10 @@ def test_cli_end_to_end_on_the_toy(tmp_path):
     res = json.loads((out / "sanity.json").read_text())
     assert res["config"]["num_examples"] == 2 and res["model"]["n_layers"] == 4
     r = res["randomization"]["diffusion_cam"]
-    # the toy's cam_layer is block 0: the head, then blocks 3, 2, 1 are randomised
-    assert r["layer"] == 0 and [d["blocks"] for d in r["depths"]] == [[], [3], [3, 2], [3, 2, 1]]
+    # at the toy's cam_layer L: the head, then blocks 3, 2, ... down to L + 1 are randomised
+    L = json.loads((ROOT / "dcam_jax" / "assets" / "toy" / "config.json").read_text())["config"]["cam_layer"]
+    expected = [list(range(3, 3 - k, -1)) for k in range(4 - L)]
+    assert r["layer"] == L and [d["blocks"] for d in r["depths"]] == expected
     for d in r["depths"]:
         for kind in ("refined", "raw"):
             s = d[kind]
@@ -257,6 +259,6 @@ def test_cli_end_to_end_on_the_toy(tmp_path):
     dis = res["discrimination"]
     assert dis["images"] == 2 and len(dis["indices"]) == 2 and set(dis["methods"]) == {"diffusion_cam", "random"}
     md = (out / "sanity.md").read_text()
-    assert "| diffusion_cam | 0 |" in md and "Two-object discrimination" in md and md in p.stdout
+    assert f"| diffusion_cam | {L} |" in md and "Two-object discrimination" in md and md in p.stdout
     assert (out / "sanity.png").read_bytes()[:4] == b"\x89PNG"
     assert not [x for x in out.iterdir() if x.name.startswith(".")]  # no temporary files left
