@@ -299,7 +299,7 @@ class DiffusionOut(NamedTuple):
 
 def diffusion_loss(params: Params, config: MLLMConfig, geometry: pimg.ImageGeometry, ids: np.ndarray,
                    pixel_values: jax.Array, answers: jax.Array, token_class: jax.Array, key: jax.Array, *,
-                   attention: str = "full", freeze_tower: bool = False, aux=None,
+                   attention: str = "full", freeze_tower: bool = False, aux_loss_fn=None,
                    aux_weight: float = 0.0, num_masks: int = 1, freeze_projector: bool = True,
                    pad_weight: float = 1.0, rms_weight: float = 0.0) -> DiffusionOut:
     """LLaDA SFT loss: sum over masked answer tokens of CE / t, normalised by the number of answer tokens.
@@ -312,8 +312,8 @@ def diffusion_loss(params: Params, config: MLLMConfig, geometry: pimg.ImageGeome
     included); it adds only a constant while tower and projector are frozen (train.py then passes 0).
 
     pixel_values: [B, n, S, S, 3]; answers, token_class: [B, G] int; ids: host prompt ids with one -200.
-    aux: optional (heads, w_base, w_hi, obj_shape, obj_colour, obj_centre) for :func:`object_loss_on_blocks`,
-    added with ``aux_weight``.
+    aux_loss_fn: optional object-level loss of the image-token blocks (``blocks -> scalar``, e.g.
+    ``dcam_jax.toy.tower_heads.object_loss_on_blocks`` with its heads and targets bound), added with ``aux_weight``.
     """
     blocks = image_blocks(params, config, pixel_values, geometry, freeze_tower=freeze_tower,
                           freeze_projector=freeze_projector)
@@ -335,10 +335,8 @@ def diffusion_loss(params: Params, config: MLLMConfig, geometry: pimg.ImageGeome
     correct = jnp.einsum("bgc,bg->c", onehot, hit.astype(jnp.float32))
     count = jnp.einsum("bgc,bg->c", onehot, masked.astype(jnp.float32))
     aux_loss = None
-    if aux is not None:
-        from dcam_jax.toy.tower_heads import object_loss_on_blocks  # tower_heads imports this module
-
-        aux_loss = object_loss_on_blocks(blocks, aux[0], geometry, *aux[1:]).loss
+    if aux_loss_fn is not None:
+        aux_loss = aux_loss_fn(blocks)
         loss = loss + aux_weight * aux_loss
     if rms_weight:
         loss = loss + rms_weight * token_rms_penalty(blocks)

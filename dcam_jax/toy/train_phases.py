@@ -230,7 +230,9 @@ def _lm_step_fn(run: Run, opt, freeze: bool) -> Callable:
         def loss_fn(tr):
             out = tm.diffusion_loss(tr["model"], run.config, run.geometry, run.ids, pix, ans, cls, key,
                                     attention=tcfg.attention, freeze_tower=freeze,
-                                    aux=(tr["heads"], wb, wh, sh, co, ce) if tcfg.aux_weight else None,
+                                    aux_loss_fn=(lambda blocks: th.object_loss_on_blocks(
+                                        blocks, tr["heads"], run.geometry, wb, wh, sh, co, ce).loss)
+                                    if tcfg.aux_weight else None,
                                     aux_weight=tcfg.aux_weight, num_masks=tcfg.num_masks,
                                     freeze_projector=tcfg.freeze_projector, pad_weight=tcfg.pad_weight,
                                     rms_weight=rms_weight)
