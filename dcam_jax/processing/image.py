@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dcam_jax.models.config import MLLMConfig
+from dcam_jax.models.mllm import ImageGeometry  # noqa: F401  (the geometry this module computes)
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -201,45 +202,6 @@ def unpad_bounds(grid_hw: tuple[int, int], image_size: tuple[int, int]) -> tuple
     new_w = int(ow * (ch / oh))
     pad = (cw - new_w) // 2
     return 0, ch, pad, cw - pad
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageGeometry:
-    """Static description of how one image becomes image tokens (hashable, usable as a jit static argument).
-
-    Attributes:
-      image_size: original (width, height) in pixels.
-      num_views: views fed to the tower (1 base view + gw*gh crops for any-resolution layouts).
-      view_side: tokens per side of one view after optional pooling (u).
-      grid: (gw, gh) crops across and down (0, 0 for single-view layouts).
-      best_resolution: the chosen pinpoint (width, height), or None.
-      unpad: (r0, r1, c0, c1) rows/columns of the (gh*u, gw*u) crop map kept after unpadding.
-      highres_shape: (H, W) of the high-resolution grid after unpadding and the optional LLaDA-V cap
-        (0, 0 for single-view layouts).
-      capped: whether the LLaDA-V cap resized the high-resolution grid.
-      pad_box: for the "pad" layout, (top, left, height, width) in pixels of the image inside the padded square
-        base view of side max(width, height); None when the base view covers exactly the image.
-    """
-
-    image_size: tuple[int, int]
-    num_views: int
-    view_side: int
-    grid: tuple[int, int]
-    best_resolution: tuple[int, int] | None
-    unpad: tuple[int, int, int, int]
-    highres_shape: tuple[int, int]
-    capped: bool
-    pad_box: tuple[int, int, int, int] | None = None
-
-    @property
-    def base_tokens(self) -> int:
-        return self.view_side * self.view_side
-
-    @property
-    def num_image_tokens(self) -> int:
-        """Base view tokens + high-res rows of (W + 1) tokens (a newline closes each row)."""
-        H, W = self.highres_shape
-        return self.base_tokens + H * (W + 1 if H else 0)
 
 
 def image_geometry(image_size: tuple[int, int], config: MLLMConfig) -> ImageGeometry:
