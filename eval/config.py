@@ -317,19 +317,23 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         "order) instead of every image in DATA_DIR/image.", **f)
 
 
-def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> RunConfig:
-    """The RunConfig of parsed flags (not yet validated)."""
+def dataclass_from_flags(cls, fv: flags.FlagValues, list_fields: Sequence[str] = ()):
+    """An instance of the config dataclass ``cls`` from the parsed flags named like its fields (not yet
+    validated): ``list_fields`` become tuples, a missing ``--out_dir`` becomes ""."""
     kw = {}
-    for field in dataclasses.fields(RunConfig):
+    for field in dataclasses.fields(cls):
         if field.name not in fv:
             continue
         v = fv[field.name].value
-        if field.name in ("methods", "metric_mode", "overrides_apply_to"):
-            v = _csv(v)
-        kw[field.name] = v
+        kw[field.name] = _csv(v) if field.name in list_fields else v
     if kw.get("out_dir") is None:
         kw["out_dir"] = ""
-    return RunConfig(**kw)
+    return cls(**kw)
+
+
+def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> RunConfig:
+    """The RunConfig of parsed flags (not yet validated)."""
+    return dataclass_from_flags(RunConfig, fv, ("methods", "metric_mode", "overrides_apply_to"))
 
 
 def replace_config(cfg: RunConfig, assignments: dict[str, str]) -> RunConfig:

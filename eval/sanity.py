@@ -76,7 +76,7 @@ from typing import Any, Optional
 from absl import app, flags
 
 from eval import sanity_report
-from eval.config import _csv, check_checkpoint_and_out_dir, check_methods
+from eval.config import check_checkpoint_and_out_dir, check_methods, dataclass_from_flags
 from eval.sanity_checks import (NORM_MODES, Answered, cascading_randomization, discrimination, max_depth,
                                  prepare_item, two_object_indices)
 from eval.sanity_report import OUTPUTS
@@ -181,17 +181,7 @@ def _run_flags() -> flags.FlagValues:
 
 def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> SanityConfig:
     """The SanityConfig of parsed flags (not yet validated)."""
-    kw = {}
-    for field in dataclasses.fields(SanityConfig):
-        if field.name not in fv:
-            continue
-        v = fv[field.name].value
-        if field.name == "methods":
-            v = _csv(v)
-        kw[field.name] = v
-    if kw.get("out_dir") is None:
-        kw["out_dir"] = ""
-    return SanityConfig(**kw)
+    return dataclass_from_flags(SanityConfig, fv, ("methods",))
 
 
 # ----------------------------------------------------------------------------------------------------------
