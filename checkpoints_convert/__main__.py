@@ -75,7 +75,7 @@ def main(argv):
 
 
 def run():
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)
 

@@ -77,6 +77,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)

@@ -266,6 +266,6 @@ if __name__ == "__main__":
     from eval import config as run_config
 
     flags.adopt_module_key_flags(run_config)  # the flags are defined in eval.config; --help lists them here
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)

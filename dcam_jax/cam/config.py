@@ -1,5 +1,10 @@
-"""CamConfig: which method explains answer tokens and with which knobs; the methods' presets and the one
-``resolve()`` that fills a config's open fields from its method's preset and the model."""
+"""CamConfig: which method explains answer tokens and with which knobs; the table of registered methods (their
+presets), and the one ``resolve()`` that fills a config's open fields from its method's preset and the model.
+
+``dcam_jax.cam.methods`` defines the method type and the built-in methods and fills :data:`REGISTRY`; this module
+only reads it, so the dependency runs one way (methods -> config). Importing any ``dcam_jax.cam`` module runs the
+package's ``__init__``, which imports ``methods``, so the table is always filled.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,26 @@ from typing import Any
 import numpy as np
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import refine as rf
 from dcam_jax.models.config import MLLMConfig
 
 PROBES = ("decision", "trajectory", "noise", "clean", "final")
+
+# name -> dcam_jax.cam.methods.Method, in registration order (filled by dcam_jax.cam.methods.register)
+REGISTRY: dict[str, Any] = {}
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered method names, in registration order."""
+    return tuple(REGISTRY)
+
+
+def get_method(name: str):
+    """The registered ``dcam_jax.cam.methods.Method`` called ``name``; an unknown name raises ValueError listing
+    the known ones."""
+    if name not in REGISTRY:
+        raise ValueError(f"method={name!r}; expected one of {method_names()}")
+    return REGISTRY[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +86,7 @@ class CamConfig:
     batch_size: int = 8
 
     def __post_init__(self):
-        from dcam_jax.cam import methods
-
-        methods.get(self.method)  # an unknown name raises, listing the registered ones
+        get_method(self.method)  # an unknown name raises, listing the registered ones
         if self.probe is not None and self.probe not in PROBES:
             raise ValueError(f"probe={self.probe!r}; expected one of {PROBES}")
         if self.grad_rule is not None and self.grad_rule not in attr.GRAD_RULES:
@@ -90,18 +110,14 @@ class CamConfig:
 
 
 def __getattr__(name):
-    if name == "METHODS":  # the registered method names (dcam_jax.cam.methods owns them)
-        from dcam_jax.cam import methods
-
-        return methods.names()
+    if name == "METHODS":  # the registered method names, as they are now
+        return method_names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def preset_fields(method: str) -> dict:
     """The fields a method's preset fixes (a copy), e.g. ``preset_fields("diffusion_cam")["grad_rule"]``."""
-    from dcam_jax.cam import methods
-
-    return dict(methods.get(method).preset)
+    return dict(get_method(method).preset)
 
 
 def reference_compat() -> CamConfig:
@@ -122,9 +138,7 @@ def default_layer(method: str, config: MLLMConfig) -> int:
     """The hooked block of ``method`` when none is given: the last block for methods registered with
     ``layer="last"`` (TAM); otherwise the model's ``cam_layer`` (chosen on ground truth for that model) or else
     n_layers // 3."""
-    from dcam_jax.cam import methods
-
-    if methods.get(method).layer == "last":
+    if get_method(method).layer == "last":
         return config.lm.n_layers - 1
     return config.cam_layer if config.cam_layer is not None else config.lm.n_layers // 3
 
@@ -161,8 +175,6 @@ def require_resolved(cam: CamConfig, where: str) -> None:
 
 def refine_config(cam: CamConfig):
     """The RefineConfig of a CamConfig (its ``refine`` field, or the method's preset)."""
-    from dcam_jax.cam import refine as rf
-
     r = cam.refine
     if r is None:
         r = preset_fields(cam.method).get("refine", "none")

@@ -22,6 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcam_jax.cam import baselines
+from dcam_jax.cam import config as cam_config
+from dcam_jax.cam import explain as ex
+from dcam_jax.cam import refine as rf
+
 
 @dataclasses.dataclass(frozen=True)
 class MapsRequest:
@@ -70,8 +75,6 @@ class FinishRequest:
 def gradient_raw_maps(r: MapsRequest):
     """Gradient CAM raw maps at the resolved layer, probe, gradient rule and aggregation -> (maps [N, H, W],
     scores [N], None)."""
-    from dcam_jax.cam import explain as ex
-
     maps, scores = ex.raw_token_maps(r.params, r.config, r.cam, r.prompt_embeds, r.layout, r.answer, r.targets,
                                      commit_step=r.commit_step, answer_valid=r.answer_valid, key=r.key)
     return np.asarray(maps), np.asarray(scores), None
@@ -79,9 +82,6 @@ def gradient_raw_maps(r: MapsRequest):
 
 def refine_chain(f: FinishRequest) -> np.ndarray:
     """The refinement chain the CamConfig names (its ``refine`` field or the method's preset) -> [T, H, W]."""
-    from dcam_jax.cam import config as cam_config
-    from dcam_jax.cam import refine as rf
-
     return np.asarray(rf.refine(f.normalized, cam_config.refine_config(f.cam), token_ids=f.answer,
                                 valid=f.answer_valid,
                                 num_steps=f.num_steps, image_long_side=f.image_long_side))
@@ -90,8 +90,6 @@ def refine_chain(f: FinishRequest) -> np.ndarray:
 def tam_raw_maps(r: MapsRequest):
     """TAM's gradient-free class-logit maps -> (maps [N, H, W], scores [N] (each map's maximum), text scores
     [N, G] for its causal-inference step)."""
-    from dcam_jax.cam import explain as ex
-
     maps, text = ex.tam_raw_maps(r.params, r.config, r.prompt_embeds, r.layout, r.answer, r.targets, r.view,
                                  r.cam.attention)
     maps = np.asarray(maps)
@@ -100,8 +98,6 @@ def tam_raw_maps(r: MapsRequest):
 
 def tam_finish(f: FinishRequest) -> np.ndarray:
     """TAM's estimated causal inference over the answer's earlier tokens and its rank Gaussian filter."""
-    from dcam_jax.cam import baselines
-
     ids = np.asarray([f.answer[ps[0]] for _, ps in f.labels])
     w = f.aux  # [N, G]: class of target j at answer position i
     weights = np.stack([w[f.index[ps[0]], [ps2[0] for _, ps2 in f.labels]] for _, ps in f.labels])
@@ -130,16 +126,15 @@ class Method:
             raise ValueError(f"method name {self.name!r} must be an identifier (letters, digits, underscores)")
         if self.layer not in ("cam_layer", "last"):
             raise ValueError(f"Method.layer={self.layer!r}; expected 'cam_layer' or 'last'")
-        from dcam_jax.cam.config import CamConfig
-
-        fields = {f.name for f in dataclasses.fields(CamConfig)} - {"method"}
+        fields = {f.name for f in dataclasses.fields(cam_config.CamConfig)} - {"method"}
         unknown = sorted(set(self.preset) - fields)
         if unknown:
             raise ValueError(f"method {self.name!r}: preset fields {unknown} are not CamConfig fields")
         object.__setattr__(self, "preset", dict(self.preset))
 
 
-REGISTRY: dict[str, Method] = {}
+# the table dcam_jax.cam.config reads (CamConfig validates its method name against it)
+REGISTRY: dict[str, Method] = cam_config.REGISTRY
 
 
 def register(method: Method, *, replace: bool = False) -> Method:
@@ -158,16 +153,8 @@ def unregister(name: str) -> None:
     del REGISTRY[name]
 
 
-def names() -> tuple[str, ...]:
-    """The registered method names, in registration order."""
-    return tuple(REGISTRY)
-
-
-def get(name: str) -> Method:
-    """The registered method called ``name``; an unknown name raises ValueError listing the known ones."""
-    if name not in REGISTRY:
-        raise ValueError(f"method={name!r}; expected one of {names()}")
-    return REGISTRY[name]
+names = cam_config.method_names  # the registered method names, in registration order
+get = cam_config.get_method  # the registered Method called ``name``; an unknown name raises, listing the known ones
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ backgrounds, so that a model or an explanation method that only learnt ShapesWor
 Everything is a pure function of ``(seed, config)``; :func:`make_example` returns a ``shapes.Example`` (the same
 type, the same fields eval.run and ``shapes.attribute_mask`` use).
 
+One module on purpose (a little under 500 lines): an independent renderer must not share ShapesWorld's rasteriser,
+placement or backgrounds, so it carries its own small copies of those ideas in one place.
+
 Drawing
 -------
 Each object is one ImageDraw primitive, never anti-aliased (ImageDraw draws hard edges):

@@ -71,6 +71,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("start", DEFAULT_START, "Index of the first ShapesWorld test example.")
     flags.DEFINE_integer("count", DEFAULT_COUNT, "Number of samples.")
     _FLAGS = flags.FLAGS
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)

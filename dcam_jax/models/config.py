@@ -9,6 +9,9 @@ Three levels:
 
 Configs are hashable, so they can be passed to ``jax.jit`` as static arguments. Presets:
 ``llada_8b`` (LM only), ``lavida``, ``llada_v`` (full multimodal), and small ``tiny_*`` presets for tests.
+
+One concept in one module (over 400 lines on purpose): the three levels nest, the presets combine them, and the
+JSON round trip has to see all of them.
 """
 
 from __future__ import annotations

@@ -135,6 +135,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("checkpoint", "toy", "'toy' or a checkpoint directory.")
     flags.DEFINE_string("out_dir", "docs", "Folder for toy_can.png and toy_cannot.png.")
     _FLAGS = flags.FLAGS
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)

@@ -313,6 +313,6 @@ if __name__ == "__main__":
     from absl import app
 
     _FLAGS = _flags()
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)

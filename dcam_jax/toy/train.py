@@ -279,6 +279,6 @@ _FLAGS = None
 
 if __name__ == "__main__":
     _FLAGS = _flags()
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)
