@@ -3,12 +3,16 @@
 Prints medians (compile excluded) of the raw-map computation for T answer tokens of one answer:
   - "one call": every target in one jitted, vmapped call (probe "clean": one shared forward, T reverse passes);
   - "per token": T separate calls of the same jitted function, one target each (one forward + one reverse each);
-  - "decision": probe "decision" (one state per target: T forwards + T reverse passes, batched);
+  - "decision": probe "decision" (one forward per distinct decision state, T reverse passes, batched);
   - "noise xK": probe "noise" with K samples per target, and its cost relative to K = 1;
   - "decision, <rule>": the decision probe under each gradient rule (standard, conservative_norm, conservative),
     and the cost of each relative to standard (the rules change only the backward pass);
 and seconds per explained token for each, with the ratios. Every variant uses the diffusion_cam preset (gxa
 aggregation, conservative rule) unless its name says otherwise.
+
+Then the decision probe for every answer token, under full and prefix-LM attention: the per-state path (one state
+per token, each state's whole sequence run) against the library's path (tokens committed at one step share a
+state; under prefix-LM the prompt runs forward once for all states), checked equal first.
 
 Usage:
   python benchmarks/explain.py                       # CPU, a small random model
@@ -21,12 +25,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import flags
 
 import _lm_bench
 from dcam_jax.cam import attribution as attr
 from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
+from dcam_jax.cam import probes
 
 FLAGS = flags.FLAGS
 _lm_bench.define_flags(grid=16, answer_len=32)
@@ -76,9 +83,44 @@ def main(argv):
     ks = sorted(noise)
     for k in ks[1:]:
         print(f"noise x{k} cost relative to x{ks[0]}: {noise[k] / noise[ks[0]]:.2f}x")
+    _decision_paths(b, base)
+
+
+def _per_state_decision(b, cam, targets):
+    """The decision probe as one state per target, every state's whole sequence run: raw maps [T, H, W]."""
+    r = cam_config.resolve(cam, b.cfg)
+    tg = np.asarray(targets, np.int32)
+    S = len(tg)
+    S2 = -(-S // r.batch_size) * r.batch_size
+    col = lambda v: ex._pad_rows(np.asarray(v, np.int32)[:, None], 0, S2)
+    spec = attr.GradSpec(layer=r.layer, hook=r.hook, attention=r.attention, score=r.score, contrast="none",
+                         aggregation=r.aggregation, grad_relu=r.grad_relu, grad_rule=r.grad_rule)
+    maps, _ = attr.batched_state_maps(
+        b.params, b.cfg, spec, r.batch_size, b.emb, jnp.asarray(b.layout.positions(r.view)),
+        ex._pad_rows(probes.decision_states(b.answer, b.commit, tg, b.lm.mask_id), 0, S2), jnp.asarray(b.answer),
+        jnp.ones(len(b.answer), bool), col(tg), col(b.answer[tg]), col(np.zeros(S)), col(np.zeros(S)),
+        share_prefix=False)
+    return maps[:S, 0]
+
+
+def _decision_paths(b, base):
+    G = len(b.answer)
+    every = list(range(G))
+    steps = len(set(b.commit.tolist()))
+    print(f"\ndecision probe, all {G} answer tokens ({steps} denoising steps):")
+    print(f"{'attention':<12}{'per-state path s/token':>24}{'library path s/token':>22}{'speedup':>9}{'max diff':>10}")
+    for attention in ("full", "prefix_lm"):
+        cam = dataclasses.replace(base, probe="decision", attention=attention)
+        now = lambda: ex.raw_token_maps(b.params, b.cfg, cam_config.resolve(cam, b.cfg), b.emb, b.layout, b.answer,
+                                        every, commit_step=b.commit)[0]
+        ref = lambda: _per_state_decision(b, cam, every)
+        a, r = np.asarray(now()), np.asarray(ref())
+        diff = float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-12))
+        t_ref, t_now = _timed(ref), _timed(now)
+        print(f"{attention:<12}{t_ref / G:>24.4f}{t_now / G:>22.4f}{t_ref / t_now:>8.2f}x{diff:>10.1e}")
 
 
 if __name__ == "__main__":
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)

@@ -2,15 +2,16 @@
 
 The authors explain a token with one full forward and one backward in PyTorch eager mode, a hook retaining the
 gradient of the layer-L hidden state. This script builds transformers' ``LlamaForCausalLM`` from the same random
-LaViDa-shaped LM parameters our JAX model uses (float32; bidirectional attention through an explicit 4-D
-mask), then
+LaViDa-shaped LM parameters our JAX model uses (float32; LaViDa's prefix-LM attention, or bidirectional with
+``--attention=full``, through an explicit 4-D mask), then
 
 1. checks that the torch maps equal ours (``standard`` gradient rule, per-token gradient x activation:
    HiResCAM's raw maps) for the ``clean`` and ``decision`` probes, to 1e-4 of the largest map value;
 2. times, as medians over ``--repeats`` after a warm-up, seconds per explained token for:
    - torch, one forward + backward per token, with SDPA attention (the fastest correct path) and eager;
    - JAX, one jitted call per token;
-   - JAX, all tokens in one call (vmapped probe states, shared forward for ``clean``);
+   - JAX, all tokens in one call (vmapped probe states; one forward per distinct state: one for ``clean``, one
+     per denoising step for ``decision``; under prefix-LM the prompt's forward once for all states);
    and prints the ratios.
 
 Usage:
@@ -31,6 +32,7 @@ from absl import flags
 
 import _lm_bench
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import probes
 from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 
@@ -38,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 _lm_bench.define_flags(grid=27, answer_len=64)
 flags.DEFINE_integer("layer", 2, "Hooked block L.")
+flags.DEFINE_enum("attention", "prefix_lm", ["prefix_lm", "full"], "LaViDa's prefix-LM attention (the prompt does not "
+                  "see the answer) or bidirectional (LLaDA-V).")
 _timed = _lm_bench.timed
 
 
@@ -54,14 +58,14 @@ def main(argv):
     V, G, T, L = FLAGS.vocab, FLAGS.answer_len, FLAGS.targets, FLAGS.layer
     answer, commit, targets = b.answer, b.commit, b.targets
     base = cam_config.CamConfig(method="hirescam", layer=L, refine="none", batch_size=FLAGS.batch_size,
-                                attention="full")
+                                attention=FLAGS.attention)
 
     def jax_maps(probe, tg):
         cam = dataclasses.replace(base, probe=probe)
         return ex.raw_token_maps(params, cfg, cam_config.resolve(cam, cfg), emb, layout, answer, tg,
                                  commit_step=commit)[0]
 
-    decision_states = attr.decision_states(answer, commit, targets, lm.mask_id)  # [T, G]
+    decision_states = probes.decision_states(answer, commit, targets, lm.mask_id)  # [T, G]
     states = {"clean": np.repeat(answer[None], T, 0), "decision": decision_states}
 
     # ---- torch, the authors' way: one forward + backward per explained token
@@ -69,7 +73,9 @@ def main(argv):
     emb_t = torch.from_numpy(np.array(emb, np.float32))
     embed_t = torch.from_numpy(np.array(p_np["embed"], np.float32))
     S = P + G
-    mask = torch.zeros((1, 1, S, S), dtype=torch.float32)  # every token sees every token (bidirectional)
+    q_idx, k_idx = np.arange(S)[:, None], np.arange(S)[None, :]
+    allowed = np.ones((S, S), bool) if FLAGS.attention == "full" else (q_idx >= P) | (k_idx < P)
+    mask = torch.from_numpy(np.where(allowed, 0.0, -1e9).astype(np.float32))[None, None]  # [1, 1, S, S] additive
     models = {impl: llama_from_lm_params(lm, p_np, dtype=torch.float32, attn_implementation=impl)
               for impl in ("sdpa", "eager")}
 
@@ -83,7 +89,8 @@ def main(argv):
 
     # ---- 1. parity
     print(f"sequence {S} tokens ({geom.num_image_tokens} image, {FLAGS.text_tokens} text, answer {G}); LM "
-          f"{lm.n_layers} x {lm.d_model}, vocab {V}, float32; hook block {L}; T = {T} explained tokens")
+          f"{lm.n_layers} x {lm.d_model}, vocab {V}, float32; {FLAGS.attention} attention; hook block {L}; T = {T} "
+          f"explained tokens at {len(set(commit[targets].tolist()))} distinct decision steps")
     for probe in ("clean", "decision"):
         ours = np.asarray(jax_maps(probe, targets))
         theirs = torch_all(models["sdpa"], probe)
@@ -115,6 +122,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from dcam_jax.cli import run_tool
+    from dcam_jax.tool import run_tool
 
     run_tool(main)

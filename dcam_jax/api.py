@@ -20,6 +20,7 @@ import numpy as np
 from dcam_jax import checkpoint as ckpt
 from dcam_jax import sampling as gen
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import probes
 from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 from dcam_jax.cam import targets as cam_targets
@@ -265,7 +266,7 @@ def explain_trajectory(model: Model, image, prompt: str | None = None, *, target
     T, K, H, W = words.shape
     norm = np.asarray(attr.normalize_maps(jnp.asarray(words.reshape(T * K, H, W)))).reshape(T, K, H, W)
     first = [ps[0] for _, ps in labels]
-    steps = attr.trajectory_steps(g.commit_step, first, K)  # [T, K]
+    steps = probes.trajectory_steps(g.commit_step, first, K)  # [T, K]
     commit = np.asarray(g.commit_step)
     texts = [["".join(s if commit[i] < st else " [MASK]" for i, s in enumerate(g.token_strings[:g.num_valid])).strip()
               for st in row] for row in steps]

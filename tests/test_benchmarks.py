@@ -38,6 +38,11 @@ def test_explain_benchmark_runs():
     out = _run("explain.py", "--d_model=64", "--n_layers=3", "--n_heads=2", "--mlp_hidden=128", "--vocab=256",
                "--grid=4", "--answer_len=8", "--targets=4", "--repeats=1")
     assert "speedup of one call over one call per token" in out and "noise x4 cost relative to x1" in out
+    # the per-state decision path and the library's (grouped states, shared prompt) give the same maps
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["full"], ["prefix_lm"])}
+    assert set(rows) == {"full", "prefix_lm"}
+    for cells in rows.values():
+        assert float(cells[-1]) <= 1e-4, cells
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -265,81 +265,84 @@ def grad_activation_alignment(params: Params, config: MLLMConfig, spec: GradSpec
 
 
 def _batched_state_maps(params, config, spec, batch_size, prompt_embeds, image_positions, states, answer,
-                        answer_valid, target_pos, target_tok, contrast_pos, contrast_tok):
-    """states: [S, G]; targets: [S, Tg]. -> (maps [S, Tg, H, W], scores [S, Tg])."""
+                        answer_valid, target_pos, target_tok, contrast_pos, contrast_tok, share_prefix=True):
+    """states: [S, G]; targets: [S, Tg]. -> (maps [S, Tg, H, W], scores [S, Tg]).
 
-    def f(xs):
-        st, tp, tt, cp, ct = xs
-        return state_maps(params, config, spec, prompt_embeds, image_positions, st, answer, answer_valid,
-                          tp, tt, cp, ct)
+    With ``share_prefix`` and :func:`shares_prefix` true, the prompt runs forward once for all states (the maps are
+    the same; ``share_prefix=False`` runs every state's whole sequence, the reference the benchmarks compare)."""
+    if share_prefix and shares_prefix(spec):
+        prefix = _prefix_part(params["lm"], config.lm, spec, prompt_embeds)
+
+        def f(xs):
+            st, tp, tt, cp, ct = xs
+            return _prefix_state_maps(params["lm"], config.lm, spec, prefix, image_positions, st, answer,
+                                      answer_valid, tp, tt, cp, ct)
+    else:
+        def f(xs):
+            st, tp, tt, cp, ct = xs
+            return state_maps(params, config, spec, prompt_embeds, image_positions, st, answer, answer_valid,
+                              tp, tt, cp, ct)
 
     return jax.lax.map(f, (states, target_pos, target_tok, contrast_pos, contrast_tok),
                        batch_size=min(batch_size, states.shape[0]))
 
 
-batched_state_maps = jax.jit(_batched_state_maps, static_argnums=(1, 2, 3))
+batched_state_maps = jax.jit(_batched_state_maps, static_argnums=(1, 2, 3), static_argnames=("share_prefix",))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# probe states
+# prefix-LM: the prompt's forward once for every probe state
 
 
-def decision_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequence[int], mask_id: int) -> np.ndarray:
-    """The state just before each target was committed: where(commit_step < commit_step[p], tokens, MASK).
+def _prefix_part(lm: Params, cfg, spec: GradSpec, prompt_embeds: jax.Array):
+    """What no probe state changes under prefix-LM attention (the prompt never sees the answer): the prompt's
+    hooked activation A_p [1, P, D], its keys and values below and above the hook ([L+1, 1, P, KV, Dh] and
+    [N-L-1, 1, P, KV, Dh]) and the vjp from the upper keys and values back to A_p."""
+    layers, L, P = lm["layers"], spec.layer, prompt_embeds.shape[0]
+    h0 = prompt_embeds[None].astype(llada.compute_dtype(cfg))
+    positions = jnp.arange(P, dtype=jnp.int32)[None]
+    A_p, kv_lo = llada.run_blocks(layers, cfg, h0, positions=positions, stop=L + 1, return_kv=True)
 
-    tokens, commit_step: [G]; targets: answer positions -> [len(targets), G] int32.
-    """
-    tokens = np.asarray(tokens)
-    cs = np.asarray(commit_step)
-    s = cs[np.asarray(targets)][:, None]
-    return np.where(cs[None, :] < s, tokens[None, :], mask_id).astype(np.int32)
+    def upper_kv(a):
+        return llada.run_blocks(layers, cfg, a, positions=positions, start=L + 1, return_kv=True,
+                                grad_rule=spec.grad_rule)[1]
 
-
-def trajectory_states(tokens: np.ndarray, commit_step: np.ndarray, targets: Sequence[int], num_states: int,
-                      mask_id: int) -> np.ndarray:
-    """States along the denoising trajectory up to each target's decision: for target p with commit step c_p,
-    the states at steps s_k = round(k * c_p / (K - 1)), k = 0..K-1, rounded half to even (s = 0: everything
-    masked; s = c_p: the decision state), state_s = where(commit_step < s, tokens, MASK). K = 1 gives the decision
-    state alone.
-
-    tokens, commit_step: [G]; targets: answer positions -> [len(targets), K, G] int32 (position p masked in all).
-    """
-    tokens = np.asarray(tokens)
-    cs = np.asarray(commit_step)
-    steps = trajectory_steps(cs, targets, num_states)
-    return np.where(cs[None, None, :] < steps[..., None], tokens[None, None, :], mask_id).astype(np.int32)
+    kv_up, vjp_p = jax.vjp(upper_kv, A_p)
+    return A_p, kv_lo, kv_up, vjp_p
 
 
-def trajectory_steps(commit_step: np.ndarray, targets: Sequence[int], num_states: int) -> np.ndarray:
-    """The denoising steps of :func:`trajectory_states`: s_k = round(k * c_p / (K - 1)) (half to even), k = 0..K-1,
-    for each target p with commit step c_p; K = 1 gives c_p alone. -> [len(targets), K] int64."""
-    if num_states < 1:
-        raise ValueError(f"num_trajectory_states={num_states} must be >= 1")
-    c = np.asarray(commit_step)[np.asarray(targets)].astype(np.float64)  # [T]
-    if num_states == 1:
-        return c[:, None].astype(np.int64)
-    # k * c / (K - 1) from integers: exact halves, so the rounding is exactly half to even
-    return np.rint(np.arange(num_states)[None, :] * c[:, None] / (num_states - 1)).astype(np.int64)
+def _prefix_state_maps(lm: Params, cfg, spec: GradSpec, prefix, image_positions, state, answer, answer_valid,
+                       target_pos, target_tok, contrast_pos, contrast_tok):
+    """:func:`state_maps` under prefix-LM attention given :func:`_prefix_part`: only the answer's rows run forward
+    (over the cached prompt keys and values); each target's reverse pass goes from its score through the answer
+    rows into the upper keys and values and then through the shared prompt vjp to A_p."""
+    A_p, kv_lo, kv_up, vjp_p = prefix
+    layers, L, P, G = lm["layers"], spec.layer, A_p.shape[1], state.shape[0]
+    positions = (P + jnp.arange(G, dtype=jnp.int32))[None]
+    A_s = llada.run_blocks(layers, cfg, llada.embed_tokens(lm, cfg, state[None]), positions=positions,
+                           stop=L + 1, cache_kv=kv_lo)  # answer queries see every key: no bias
+
+    def upper(kv):
+        return llada.run_blocks(layers, cfg, A_s, positions=positions, start=L + 1, cache_kv=kv,
+                                grad_rule=spec.grad_rule)
+
+    hN, vjp_s = jax.vjp(upper, kv_up)
+
+    def one_target(pos, tok, cpos, ctok):
+        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), 0, answer, answer_valid,
+                                    pos, tok, cpos, ctok)
+        s, cot = jax.value_and_grad(score_fn)(hN)
+        (dkv,) = vjp_s(cot.astype(hN.dtype))
+        (G_p,) = vjp_p(dkv)
+        return aggregate(A_p[0][image_positions], G_p[0][image_positions], spec.aggregation, spec.grad_relu), s
+
+    return jax.vmap(one_target)(target_pos, target_tok, contrast_pos, contrast_tok)
 
 
-def noise_states(tokens: np.ndarray, targets: Sequence[int], ratios: Sequence[float], key: jax.Array,
-                 mask_id: int) -> np.ndarray:
-    """Random re-maskings of the final answer: for each target and ratio t, mask each position with probability
-    t, the target position always. tokens: [G] -> [len(targets), K, G] int32 (K = len(ratios))."""
-    tokens = np.asarray(tokens)
-    G = tokens.shape[0]
-    T, K = len(targets), len(ratios)
-    u = np.asarray(jax.random.uniform(key, (T, K, G)))
-    masked = u < np.asarray(ratios, np.float32)[None, :, None]
-    masked[np.arange(T), :, np.asarray(targets)] = True
-    return np.where(masked, mask_id, tokens[None, None, :]).astype(np.int32)
-
-
-def default_noise_ratios(k: int) -> tuple[float, ...]:
-    """K ratios evenly spaced inside (0, 1): (i + 1) / (K + 1)."""
-    if k < 1:
-        raise ValueError(f"num_noise_samples={k} must be >= 1")
-    return tuple((i + 1) / (k + 1) for i in range(k))
+def shares_prefix(spec: GradSpec) -> bool:
+    """Whether :func:`batched_state_maps` runs the prompt once for all states: prefix-LM attention and the
+    residual hook (LLaVA-CAM's post-attention hook takes the general path)."""
+    return spec.attention == "prefix_lm" and spec.hook == "residual"
 
 
 def normalize_maps(maps: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import probes
 from dcam_jax.cam.config import CamConfig, require_resolved
 from dcam_jax.models import llada
 from dcam_jax.models.config import MLLMConfig
@@ -159,32 +160,41 @@ def _contrast_for(cam: CamConfig, targets: np.ndarray, answer: np.ndarray):
 
 
 def _probe_states(cam: CamConfig, answer: np.ndarray, targets: np.ndarray, commit_step, key, mask_id: int):
-    """The answer states the gradients are taken at: (states [S, G], K, shared). ``shared``: one state serves
-    every target (probes "clean" and "final", S = 1); else S = T * K with row t * K + k the k-th state of target
-    t (K = 1 for "decision")."""
+    """The answer states the gradients are taken at, and which targets each one serves: (states [S, G], K,
+    groups). ``groups[s]`` lists the indices into ``targets`` explained at state s; every target is explained at
+    K states (K > 1 only for "trajectory" and "noise", whose rows t * K + k are the k-th state of target t).
+
+    One state serves several targets where their states are equal: every target for "clean" and "final", and
+    the targets committed at the same denoising step for "decision" (their decision states are one state).
+    """
+    T = len(targets)
     if cam.probe == "clean":
-        return answer[None], 1, True
+        return answer[None], 1, [list(range(T))]
     if cam.probe == "final":
         if commit_step is None:
             raise ValueError("probe='final' needs the generation trajectory (commit_step); generate the answer "
                              "with dcam_jax.generate or use probe='clean'")
         last = int(np.max(commit_step))
-        return np.where(np.asarray(commit_step) < last, answer, mask_id)[None], 1, True
+        return np.where(np.asarray(commit_step) < last, answer, mask_id)[None], 1, [list(range(T))]
     if cam.probe in ("decision", "trajectory") and commit_step is None:
         raise ValueError(f"probe={cam.probe!r} needs the generation trajectory (commit_step): let explain() "
                          "generate the answer (or pass generation=...), or use probe='noise' or 'clean' for a "
                          "given answer")
     if cam.probe == "decision":
-        return attr.decision_states(answer, commit_step, targets, mask_id), 1, False
+        steps = np.asarray(commit_step)[targets]
+        unique = np.unique(steps)  # one decision state per step at which some target was committed
+        groups = [[int(t) for t in np.flatnonzero(steps == u)] for u in unique]
+        first = [g[0] for g in groups]
+        return probes.decision_states(answer, commit_step, targets[first], mask_id), 1, groups
     if cam.probe == "trajectory":
-        states = attr.trajectory_states(answer, commit_step, targets, cam.num_trajectory_states, mask_id)
+        states = probes.trajectory_states(answer, commit_step, targets, cam.num_trajectory_states, mask_id)
     else:  # noise: K partially re-masked states per target
         if key is None:
             raise ValueError("probe='noise' needs a PRNG key (key=jax.random.key(0))")
-        ratios = cam.noise_ratios or attr.default_noise_ratios(cam.num_noise_samples)
-        states = attr.noise_states(answer, targets, ratios, key, mask_id)
-    T, K, G = states.shape
-    return states.reshape(T * K, G), K, False
+        ratios = cam.noise_ratios or probes.default_noise_ratios(cam.num_noise_samples)
+        states = probes.noise_states(answer, targets, ratios, key, mask_id)
+    _, K, G = states.shape
+    return states.reshape(T * K, G), K, [[t] for t in range(T) for _ in range(K)]
 
 
 def _pad_rows(x, axis: int, n: int) -> jax.Array:
@@ -195,15 +205,27 @@ def _pad_rows(x, axis: int, n: int) -> jax.Array:
     return jnp.asarray(np.take(x, np.minimum(np.arange(n), x.shape[axis] - 1), axis=axis))
 
 
+def _padded_length(n: int, multiple: int) -> int:
+    """Lengths padded so that few shapes compile: 1, 2, 4, then multiples of ``multiple`` (a power of two)."""
+    if n <= multiple:
+        return 1 << (n - 1).bit_length()
+    return -(-n // multiple) * multiple
+
+
 def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: jax.Array, layout: ImageLayout,
                    answer: np.ndarray, targets: Sequence[int], *, commit_step: np.ndarray | None = None,
-                   answer_valid: np.ndarray | None = None, key: jax.Array | None = None, per_state: bool = False):
+                   answer_valid: np.ndarray | None = None, key: jax.Array | None = None, per_state: bool = False,
+                   share_prefix: bool = True):
     """Raw (unnormalised) maps of answer positions ``targets`` for a gradient method.
 
     cam: a resolved CamConfig (``dcam_jax.cam.config.resolve``); prompt_embeds: [P, D]; answer: [G] final answer
     ids; commit_step: [G] (probes "decision", "trajectory" and "final"); key: PRNG key (probe "noise").
     Returns (maps [T, H, W] float32 averaged over probe states, scores [T]); with ``per_state=True`` the maps of
     every probe state instead, (maps [T, K, H, W], scores [T, K]) with K = 1 for the single-state probes.
+
+    Each distinct probe state runs one forward; the targets it serves share it and each costs one reverse pass
+    (see :func:`_probe_states`). Under prefix-LM attention the prompt's forward runs once for all states
+    (``share_prefix=False`` turns that off: the same maps, every state's whole sequence run; for benchmarks).
     """
     require_resolved(cam, "raw_token_maps")
     answer = np.asarray(answer, np.int32)
@@ -214,29 +236,30 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
     img = layout.positions(cam.view)
     attr.check_probe_valid(img, P + G, P)
     mode, cpos, ctok = _contrast_for(cam, targets, answer)
-    states, K, shared = _probe_states(cam, answer, targets, commit_step, key, config.lm.mask_id)
-    if shared:  # one state, every target: [1, T] per-state targets
-        per = [v[None] for v in (targets, answer[targets], cpos, ctok)]
-    else:  # one target per state
-        per = [np.repeat(v, K)[:, None] for v in (targets, answer[targets], cpos, ctok)]
-    # Pad the states to a multiple of batch_size, or the targets of a single shared state to a multiple of 8
-    # (repeating the last entry), so that answers with different numbers of targets reuse one compiled function;
-    # a padded entry costs a forward (states) or a reverse pass (targets).
-    S, Tg = per[0].shape
+    states, K, groups = _probe_states(cam, answer, targets, commit_step, key, config.lm.mask_id)
+    # [S, Tg] target fields per state; a short row repeats its last target
+    Tg = max(len(g) for g in groups)
+    cols = np.array([g + [g[-1]] * (Tg - len(g)) for g in groups], np.int64)
+    per = [v[cols] for v in (targets, answer[targets], cpos, ctok)]
+    # Pad states and targets per state (repeating the last entry) so that answers with different numbers of
+    # targets reuse a few compiled functions; a padded state costs a forward, a padded target a reverse pass.
+    S = states.shape[0]
     S2 = S if S == 1 else -(-S // cam.batch_size) * cam.batch_size
-    T2 = Tg if Tg == 1 else -(-Tg // 8) * 8
+    T2 = _padded_length(Tg, 8)
     spec = attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention, score=cam.score, contrast=mode,
                          aggregation=cam.aggregation, grad_relu=cam.grad_relu, grad_rule=cam.grad_rule)
     maps, scores = attr.batched_state_maps(
         params, config, spec, cam.batch_size, prompt_embeds, jnp.asarray(img), _pad_rows(states, 0, S2),
-        jnp.asarray(answer), jnp.asarray(valid), *(_pad_rows(_pad_rows(v, 0, S2), 1, T2) for v in per))
-    maps, scores = maps[:S, :Tg], scores[:S, :Tg]
-    T = len(targets)
-    H, W = img.shape
-    if shared:  # [1, T, H, W] -> [T, 1, H, W]
-        maps, scores = maps[0][:, None], scores[0][:, None]
-    else:  # [T * K, 1, H, W] -> [T, K, H, W]
-        maps, scores = maps.reshape(T, K, H, W), scores.reshape(T, K)
+        jnp.asarray(answer), jnp.asarray(valid), *(_pad_rows(_pad_rows(v, 0, S2), 1, T2) for v in per),
+        share_prefix=share_prefix)
+    # back to targets: the k-th state of target t is the k-th group that lists t
+    where = [[] for _ in range(len(targets))]
+    for s, g in enumerate(groups):
+        for j, t in enumerate(g):
+            where[t].append((s, j))
+    rows = np.array([[s for s, _ in w] for w in where], np.int64)  # [T, K]
+    slots = np.array([[j for _, j in w] for w in where], np.int64)
+    maps, scores = maps[rows, slots], scores[rows, slots]  # [T, K, H, W], [T, K]
     return (maps, scores) if per_state else (maps.mean(1), scores.mean(1))
 
 

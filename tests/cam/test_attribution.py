@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import probes
 from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 from dcam_jax.cam import targets as cam_targets
@@ -123,9 +124,21 @@ def test_all_targets_in_one_call_equal_one_at_a_time(setup):
         np.testing.assert_allclose(float(s_all[k]), float(s1[0]), rtol=1e-5)
 
 
+def test_decision_targets_committed_at_one_step_share_one_state(setup):
+    """Targets 2 and 3 were committed at the same step, so their decision states are one state: three forwards
+    for four targets (the maps are checked against one target at a time above)."""
+    _, _, _, answer, commit = setup
+    cam = cam_config.resolve(cam_config.CamConfig(probe="decision", layer=1, refine="none"), CFG)
+    states, K, groups = ex._probe_states(cam, answer, np.array([0, 1, 2, 3]), commit, None, CFG.lm.mask_id)
+    assert K == 1 and groups == [[1], [2, 3], [0]]  # ordered by commit step: 0, 1, 2
+    expected = probes.decision_states(answer, commit, [1, 2, 0], CFG.lm.mask_id)
+    np.testing.assert_array_equal(states, expected)
+    np.testing.assert_array_equal(probes.decision_states(answer, commit, [3], CFG.lm.mask_id)[0], states[1])
+
+
 def test_decision_state_masks_the_target_and_later_tokens(setup):
     _, _, _, answer, commit = setup
-    st = attr.decision_states(answer, commit, [0, 1], mask_id=63)
+    st = probes.decision_states(answer, commit, [0, 1], mask_id=63)
     # target 0 was committed at step 2: tokens committed at steps 0, 1 are visible, the rest masked
     np.testing.assert_array_equal(st[0], [63, 11, 12, 13, 63, 63])
     np.testing.assert_array_equal(st[1], [63] * 6)
@@ -136,7 +149,7 @@ def test_noise_probe_vmap_equals_loop(setup):
     cam = cam_config.resolve(cam_config.CamConfig(probe="noise", layer=1, num_noise_samples=3, refine="none"), CFG)
     key = jax.random.key(3)
     maps, _ = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, [1, 2], key=key)
-    states = attr.noise_states(answer, [1, 2], attr.default_noise_ratios(3), key, CFG.lm.mask_id)
+    states = probes.noise_states(answer, [1, 2], probes.default_noise_ratios(3), key, CFG.lm.mask_id)
     assert np.all(states[0, :, 1] == CFG.lm.mask_id) and np.all(states[1, :, 2] == CFG.lm.mask_id)
     spec = _spec(aggregation="gxa", grad_rule="conservative")  # the diffusion_cam preset
     for ti, t in enumerate([1, 2]):
@@ -191,3 +204,22 @@ def test_word_grouping():
     content = cam_targets.resolve_targets("content", toks, len(toks))
     assert [w for w, _ in content] == ["red", "circle", "blue", "square"]
     assert cam_targets.resolve_targets(["circle"], toks, len(toks)) == [("circle", (2, 3))]
+
+
+@pytest.mark.parametrize("grad_rule,score", [("standard", "logprob"), ("conservative", "logprob"),
+                                             ("conservative_norm", "sum_logits")])
+def test_prefix_lm_shared_prompt_forward_equals_whole_sequence(setup, grad_rule, score):
+    """Under prefix-LM attention the prompt runs once for all probe states; the maps and scores equal those of the
+    whole-sequence forward of every state (decision probe, four targets at three states, rule and score varied)."""
+    params, emb, layout, answer, commit = setup
+    cam = cam_config.resolve(cam_config.CamConfig(method="hirescam", probe="decision", layer=0, attention="prefix_lm",
+                                                  grad_rule=grad_rule, score=score), CFG)
+    assert attr.shares_prefix(attr.GradSpec(layer=1, attention="prefix_lm"))
+    assert not attr.shares_prefix(attr.GradSpec(layer=1, attention="prefix_lm", hook="post_attn_norm"))
+    shared = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, [0, 1, 2, 3], commit_step=commit)
+    whole = ex.raw_token_maps(params, CFG, cam, emb, layout, answer, [0, 1, 2, 3], commit_step=commit,
+                              share_prefix=False)
+    assert float(np.asarray(whole[0]).max()) > 0
+    np.testing.assert_allclose(np.asarray(shared[0]), np.asarray(whole[0]), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(np.asarray(whole[0])).max()))
+    np.testing.assert_allclose(np.asarray(shared[1]), np.asarray(whole[1]), rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dcam_jax.cam import attribution as attr
+from dcam_jax.cam import probes
 from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 from dcam_jax.cam import refine as rf
@@ -404,7 +405,7 @@ def decision(setup):
     run = lambda t: tuple(np.asarray(x) for x in ex.raw_token_maps(s.params, CFG, cam, s.emb, s.layout, s.answer, t,
                                                                    commit_step=s.commit))
     return SimpleNamespace(cam=cam, targets=targets, together=run(targets), alone=[run([t]) for t in targets],
-                           states=attr.decision_states(s.answer, s.commit, targets, MASK))
+                           states=probes.decision_states(s.answer, s.commit, targets, MASK))
 
 
 def test_conservative_decision_maps_vmapped_equal_one_at_a_time(decision):
@@ -438,15 +439,15 @@ def test_trajectory_states_match_loop_definition():
         commit = rng.integers(0, 9, G)
         targets = rng.choice(G, size=min(G, 3), replace=False)
         for K in range(1, 10):  # K - 1 = 6 has exact half steps (k = 5, c = 9: 7.5 -> 8, half to even)
-            st = attr.trajectory_states(tokens, commit, targets, K, MASK)
+            st = probes.trajectory_states(tokens, commit, targets, K, MASK)
             np.testing.assert_array_equal(st, _trajectory_loop(tokens, commit, targets, K, MASK))
             assert st.shape == (len(targets), K, G) and st.dtype == np.int32
             assert np.all(st[np.arange(len(targets)), :, targets] == MASK)  # the target is masked in every state
             if K > 1:
                 assert np.all(st[:, 0] == MASK)  # step 0: nothing committed yet
-            np.testing.assert_array_equal(st[:, -1], attr.decision_states(tokens, commit, targets, MASK))
-        np.testing.assert_array_equal(attr.trajectory_states(tokens, commit, targets, 1, MASK)[:, 0],
-                                      attr.decision_states(tokens, commit, targets, MASK))
+            np.testing.assert_array_equal(st[:, -1], probes.decision_states(tokens, commit, targets, MASK))
+        np.testing.assert_array_equal(probes.trajectory_states(tokens, commit, targets, 1, MASK)[:, 0],
+                                      probes.decision_states(tokens, commit, targets, MASK))
 
 
 def test_trajectory_probe_is_the_mean_of_per_state_maps(setup, decision):
@@ -459,7 +460,7 @@ def test_trajectory_probe_is_the_mean_of_per_state_maps(setup, decision):
                          aggregation=r.aggregation, grad_relu=r.grad_relu, grad_rule=r.grad_rule)
     assert spec == _spec("conservative")
     maps, scores = ex.raw_token_maps(s.params, CFG, r, s.emb, s.layout, s.answer, targets, commit_step=s.commit)
-    states = attr.trajectory_states(s.answer, s.commit, targets, K, MASK)
+    states = probes.trajectory_states(s.answer, s.commit, targets, K, MASK)
     for ti, t in enumerate(targets):
         per = [_maps(s, spec, states[ti, k], [t]) for k in range(K)]
         assert not np.array_equal(per[0][0], per[1][0])  # the states really differ
@@ -545,7 +546,7 @@ def test_unknown_grad_rule_and_missing_trajectory_raise(setup):
     with pytest.raises(ValueError, match="num_trajectory_states"):
         cam_config.CamConfig(probe="trajectory", num_trajectory_states=0)
     with pytest.raises(ValueError, match="num_trajectory_states"):
-        attr.trajectory_states(s.answer, s.commit, [0], 0, MASK)
+        probes.trajectory_states(s.answer, s.commit, [0], 0, MASK)
 
 
 @pytest.mark.slow
