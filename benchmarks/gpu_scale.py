@@ -26,7 +26,8 @@ Usage:
   python benchmarks/gpu_scale.py --scale=64 --repeats=1            # widths, depths and vocabulary / 64: CPU
   python benchmarks/gpu_scale.py --json_out=gpu_scale.json         # also write every figure as JSON
 At full shape it is sized to finish inside 8 minutes on one H100: seven compilations, then 1 + ``--repeats``
-calls of each row; the longest row, the 64-token attribution call, is 1.6 PFLOP by the count below. The
+calls of each row; the longest row, the 64-token attribution call, is 0.61 PFLOP by the count below (its
+32 decision states share the prompt's forward under LaViDa's prefix-LM attention; 1.6 PFLOP without). The
 attribution holds ``--batch_size`` probe states' activations at once: lower it if the device runs out of memory.
 """
 
@@ -44,6 +45,7 @@ from absl import app, flags
 import _lm_bench
 from dcam_jax import api, fileio
 from dcam_jax import sampling as gen
+from dcam_jax.cam import attribution as attr
 from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 from dcam_jax.models import config as C
@@ -122,20 +124,35 @@ def sampling_flops(lm: C.LMConfig, P: int, G: int, steps: int, prefix_cache: boo
     return steps * lm_flops(lm, P + G, P + G, G)
 
 
-def attribution_flops(lm: C.LMConfig, S: int, layer: int, grad_rule: str, states: int) -> int:
-    """Per probe state: the forward of all S tokens, the head at the target and its gradient, then the reverse
-    pass of blocks L+1 .. N-1 with respect to the activations only (no weight gradients: each dense product once
-    more). The reverse attention is dV, dP, dQ, dK (twice the forward's products); under the ``conservative``
-    rule the probabilities are held, so only dV = P^T dO remains and no gradient reaches the Q and K
-    projections."""
-    dense, attn = block_flops(lm, S, S)
+def _reverse_flops(lm: C.LMConfig, tq: int, tk: int, grad_rule: str) -> int:
+    """One block's reverse pass for ``tq`` queries over ``tk`` keys with respect to the activations only (no weight
+    gradients: each dense product once more). The reverse attention is dV, dP, dQ, dK (twice the forward's
+    products); under the ``conservative`` rule the probabilities are held, so only dV = P^T dO remains and no
+    gradient reaches the Q and K projections."""
+    dense, attn = block_flops(lm, tq, tk)
     if grad_rule == "conservative":
-        qk = 2 * S * lm.d_model * (lm.n_heads + lm.n_kv_heads) * lm.head_dim
-        backward = dense - qk + attn // 2
-    else:
-        backward = dense + 2 * attn
+        return dense - 2 * tq * lm.d_model * (lm.n_heads + lm.n_kv_heads) * lm.head_dim + attn // 2
+    return dense + 2 * attn
+
+
+def attribution_flops(lm: C.LMConfig, S: int, layer: int, grad_rule: str, states: int) -> int:
+    """Whole-sequence path, one target per state: per probe state the forward of all S tokens, the head at the
+    target and its gradient, then the reverse pass of blocks L+1 .. N-1 (:func:`_reverse_flops`)."""
     head = 2 * lm.d_model * lm.vocab_size
-    return states * (lm_flops(lm, S, S, 1) + head + (lm.n_layers - layer - 1) * backward)
+    return states * (lm_flops(lm, S, S, 1) + head + (lm.n_layers - layer - 1) * _reverse_flops(lm, S, S, grad_rule))
+
+
+def attribution_flops_shared(lm: C.LMConfig, P: int, G: int, layer: int, grad_rule: str, states: int,
+                             targets_per_state: int) -> int:
+    """Prefix-LM path (``attribution.shares_prefix``): the prompt's P tokens run forward once (less the attention
+    of its last block, whose output feeds nothing and which XLA drops); per state only the G answer tokens run
+    forward (over P + G keys); per target the head and its gradient, then blocks L+1 .. N-1 in reverse for the
+    answer rows and, through the prompt's keys and values, for the prompt rows."""
+    head = 2 * lm.d_model * lm.vocab_size
+    upper = lm.n_layers - layer - 1
+    per_target = 2 * head + upper * (_reverse_flops(lm, G, P + G, grad_rule) + _reverse_flops(lm, P, P, grad_rule))
+    prompt = lm.n_layers * sum(block_flops(lm, P, P)) - (block_flops(lm, P, P)[1] if upper else 0)
+    return prompt + states * (lm.n_layers * sum(block_flops(lm, G, P + G)) + targets_per_state * per_target)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,11 +249,19 @@ def main(argv):
     def attribute(targets):
         return ex.raw_token_maps(params, cfg, cam, emb, layout, answer, targets, commit_step=commit)
 
-    t_one = row("attribution, 1 token (decision probe)", lambda: attribute([0]),
-                attribution_flops(lm, S, cam.layer, cam.grad_rule, 1))
-    states = -(-G // cam.batch_size) * cam.batch_size  # raw_token_maps pads the states to whole chunks
+    def work(targets):
+        """FLOPs of raw_token_maps for ``targets``, on the path it takes (the states and target rows it runs)."""
+        _, _, groups = ex._probe_states(cam, answer, np.asarray(targets), commit, None, lm.mask_id)
+        states = len(groups) if len(groups) == 1 else -(-len(groups) // cam.batch_size) * cam.batch_size
+        per_state = ex._padded_length(max(len(g) for g in groups), 8)
+        spec = attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention)
+        if attr.shares_prefix(spec):
+            return attribution_flops_shared(lm, P, G, cam.layer, cam.grad_rule, states, per_state)
+        return attribution_flops(lm, S, cam.layer, cam.grad_rule, states * per_state)
+
+    t_one = row("attribution, 1 token (decision probe)", lambda: attribute([0]), work([0]))
     t_all = row(f"attribution, {G} tokens in one call (decision probe)", lambda: attribute(list(range(G))),
-                attribution_flops(lm, S, cam.layer, cam.grad_rule, states))
+                work(list(range(G))))
     mem = _memory(dev)
 
     # ---- report

@@ -105,6 +105,12 @@ for rule in attr.GRAD_RULES:
     f = lambda p, e, st: attr.state_maps(p, cfg2, spec, e, img, st, st, jnp.ones(G, bool), one, one, one, one)
     out["attribution " + rule] = (xla(f, p2, sds((T - G, 256), jnp.float32), sds((G,), jnp.int32)),
                                   gs.attribution_flops(cfg2.lm, T, 0, rule, 1))
+    # the prefix-LM path: the prompt once, then one state (batch 1) with two targets
+    two = jnp.array([[3, 5]])
+    f = lambda p, e, st: attr._batched_state_maps(p, cfg2, spec, 1, e, img, st[None], st, jnp.ones(G, bool), two,
+                                                  two, two, two)
+    out["shared prefix " + rule] = (xla(f, p2, sds((T - G, 256), jnp.float32), sds((G,), jnp.int32)),
+                                    gs.attribution_flops_shared(cfg2.lm, T - G, G, 0, rule, 1, 2))
 print(json.dumps(out))
 """
 
@@ -115,6 +121,8 @@ def test_gpu_scale_flop_counts_match_xla_cost_analysis():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     counts = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(counts) == 6
+    assert len(counts) == 9
     for name, (xla, ours) in counts.items():
-        assert 1.0 <= xla / ours <= 1.03, (name, xla, ours)
+        # the prefix-LM path's reverse pass multiplies some zero cotangents that XLA simplifies away: within 1% below
+        low = 0.99 if name.startswith("shared prefix") else 1.0
+        assert low <= xla / ours <= 1.03, (name, xla, ours)
