@@ -547,14 +547,22 @@ def _train_cli(*args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_train_cli_end_to_end(tmp_path):
-    from dcam_jax import checkpoint as ckpt
-
-    out, log = tmp_path / "ckpt", tmp_path / "curves.jsonl"
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    """A tiny checkpoint written by the training command line (2 captioning steps, 1 fine-tuning step)."""
+    tmp = tmp_path_factory.mktemp("train_cli")
+    out, log = tmp / "ckpt", tmp / "curves.jsonl"
     r = _train_cli(f"--out_dir={out}", f"--log_jsonl={log}", "--lm_steps=2", "--finetune_steps=1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "wrote" in r.stdout
+    return out, log, r.stdout
+
+
+@pytest.mark.slow
+def test_train_cli_end_to_end(cli_checkpoint):
+    from dcam_jax import checkpoint as ckpt
+
+    out, log, stdout = cli_checkpoint
+    assert "wrote" in stdout
     config, params, tok_dir = ckpt.load_checkpoint(out)
     assert config.name == "toy" and config.lm.n_layers == 1 and tok_dir is not None
     strict = dict(parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
@@ -567,6 +575,14 @@ def test_train_cli_end_to_end(tmp_path):
     before = sorted(p.name for p in out.iterdir())
     r = _train_cli(f"--out_dir={out}", "--lm_steps=1")
     assert r.returncode != 0 and "--force" in r.stderr and sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_train_cli_init_checkpoint(cli_checkpoint, tmp_path):
+    from dcam_jax import checkpoint as ckpt
+
+    out = cli_checkpoint[0]
+    _, params, _ = ckpt.load_checkpoint(out)
     # --init_checkpoint starts from the checkpoint's parameters (with no steps they come back unchanged, where a
     # fresh initialisation would differ); training from them is the in-process path of the smoke test
     out2 = tmp_path / "ckpt2"
@@ -586,11 +602,16 @@ def test_train_cli_end_to_end(tmp_path):
     for part in ("vision", "projector"):
         jax.tree.map(np.testing.assert_array_equal, params4[part], params[part])
     assert not np.allclose(params4["lm"]["embed"], params["lm"]["embed"])
-    # ... but a different tower is refused
+
+
+@pytest.mark.slow
+def test_train_cli_refuses_other_architectures(cli_checkpoint, tmp_path):
+    out = cli_checkpoint[0]
+    # a different tower is refused with --init_parts=tower ...
     r = _train_cli(f"--out_dir={tmp_path / 'ckpt5'}", f"--init_checkpoint={out}", "--init_parts=tower",
                    "--lm_steps=1", "--config_override=vision.depth=2")
     assert r.returncode != 0 and "different vision tower" in r.stderr and not (tmp_path / "ckpt5").exists()
-    # a checkpoint of another architecture is refused before any training
+    # ... and a checkpoint of another architecture before any training
     r = _train_cli(f"--out_dir={tmp_path / 'ckpt3'}", f"--init_checkpoint={out}", "--lm_steps=1",
                    "--config_override=lm.n_layers=2")
     assert r.returncode != 0 and "different model config" in r.stderr and not (tmp_path / "ckpt3").exists()
