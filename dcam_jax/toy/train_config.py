@@ -68,7 +68,7 @@ class TrainConfig:
     freeze_tower_steps: int = 2500
     tower_lr_mult: float = 0.1
     freeze_projector: bool = True
-    finetune_steps: int = 600
+    finetune_steps: int = 1800
     finetune_lr: float = 5e-4
     finetune_tower_lr_mult: float = 0.25
     finetune_preset: str = "default"
