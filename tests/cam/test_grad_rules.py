@@ -185,8 +185,12 @@ def test_forward_values_bitwise_equal_across_rules(setup, lib, forward, decision
     for c in COMBOS:
         if c[1] == attention:
             np.testing.assert_array_equal(lib.maps[c][1], ref)
-    for rule in RULES:
-        np.testing.assert_array_equal(lib.grad[rule, attention][0], ref)  # the vjp's own forward
+    for rule in RULES:  # the vjp's own forward
+        np.testing.assert_array_equal(lib.grad[rule, attention][0], lib.grad["standard", attention][0])
+        if attention == "prefix_lm":  # the maps run the prompt once for all states: the same values up to rounding
+            np.testing.assert_allclose(lib.grad[rule, attention][0], ref, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(lib.grad[rule, attention][0], ref)
     if attention == "full":  # batched_state_maps as the library compiles it, conservative rule, at the same state
         assert TARGETS[0] == 0 and np.array_equal(decision.states[0], setup.state)
         np.testing.assert_allclose(decision.alone[0][1][0], ref[0], rtol=1e-6)
