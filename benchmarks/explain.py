@@ -93,8 +93,7 @@ def _per_state_decision(b, cam, targets):
     S = len(tg)
     S2 = -(-S // r.batch_size) * r.batch_size
     col = lambda v: ex._pad_rows(np.asarray(v, np.int32)[:, None], 0, S2)
-    spec = attr.GradSpec(layer=r.layer, hook=r.hook, attention=r.attention, score=r.score, contrast="none",
-                         aggregation=r.aggregation, grad_relu=r.grad_relu, grad_rule=r.grad_rule)
+    spec = ex.grad_spec(r)
     maps, _ = attr.batched_state_maps(
         b.params, b.cfg, spec, r.batch_size, b.emb, jnp.asarray(b.layout.positions(r.view)),
         ex._pad_rows(probes.decision_states(b.answer, b.commit, tg, b.lm.mask_id), 0, S2), jnp.asarray(b.answer),

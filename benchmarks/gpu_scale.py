@@ -254,8 +254,7 @@ def main(argv):
         _, _, groups = ex._probe_states(cam, answer, np.asarray(targets), commit, None, lm.mask_id)
         states = len(groups) if len(groups) == 1 else -(-len(groups) // cam.batch_size) * cam.batch_size
         per_state = ex._padded_length(max(len(g) for g in groups), 8)
-        spec = attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention)
-        if attr.shares_prefix(spec):
+        if attr.shares_prefix(ex.grad_spec(cam)):
             return attribution_flops_shared(lm, P, G, cam.layer, cam.grad_rule, states, per_state)
         return attribution_flops(lm, S, cam.layer, cam.grad_rule, states * per_state)
 

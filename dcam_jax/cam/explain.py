@@ -212,6 +212,13 @@ def _padded_length(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def grad_spec(cam: CamConfig, contrast: str = "none") -> attr.GradSpec:
+    """The array-level GradSpec of a resolved CamConfig (``contrast``: the spec's mode, see ``_contrast_for``)."""
+    require_resolved(cam, "grad_spec")
+    return attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention, score=cam.score, contrast=contrast,
+                         aggregation=cam.aggregation, grad_relu=cam.grad_relu, grad_rule=cam.grad_rule)
+
+
 def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: jax.Array, layout: ImageLayout,
                    answer: np.ndarray, targets: Sequence[int], *, commit_step: np.ndarray | None = None,
                    answer_valid: np.ndarray | None = None, key: jax.Array | None = None, per_state: bool = False,
@@ -246,8 +253,7 @@ def raw_token_maps(params, config: MLLMConfig, cam: CamConfig, prompt_embeds: ja
     S = states.shape[0]
     S2 = S if S == 1 else -(-S // cam.batch_size) * cam.batch_size
     T2 = _padded_length(Tg, 8)
-    spec = attr.GradSpec(layer=cam.layer, hook=cam.hook, attention=cam.attention, score=cam.score, contrast=mode,
-                         aggregation=cam.aggregation, grad_relu=cam.grad_relu, grad_rule=cam.grad_rule)
+    spec = grad_spec(cam, mode)
     maps, scores = attr.batched_state_maps(
         params, config, spec, cam.batch_size, prompt_embeds, jnp.asarray(img), _pad_rows(states, 0, S2),
         jnp.asarray(answer), jnp.asarray(valid), *(_pad_rows(_pad_rows(v, 0, S2), 1, T2) for v in per),

@@ -223,3 +223,12 @@ def test_prefix_lm_shared_prompt_forward_equals_whole_sequence(setup, grad_rule,
     np.testing.assert_allclose(np.asarray(shared[0]), np.asarray(whole[0]), rtol=1e-4,
                                atol=1e-5 * float(np.abs(np.asarray(whole[0])).max()))
     np.testing.assert_allclose(np.asarray(shared[1]), np.asarray(whole[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_grad_spec_carries_the_resolved_config():
+    cam = cam_config.resolve(cam_config.CamConfig(method="diffusion_cam", layer=1), CFG)
+    spec = ex.grad_spec(cam, "runner_up")
+    assert (spec.layer, spec.hook, spec.attention, spec.score, spec.contrast, spec.aggregation, spec.grad_relu,
+            spec.grad_rule) == (1, cam.hook, cam.attention, cam.score, "runner_up", "gxa", False, "conservative")
+    with pytest.raises(ValueError, match="resolved"):
+        ex.grad_spec(cam_config.CamConfig())
