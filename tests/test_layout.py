@@ -2,7 +2,10 @@
 imports inside functions too), no import that runs up a floor, no module over 500 lines."""
 
 import ast
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -108,7 +111,11 @@ def floor(module: str) -> int:
 
 @pytest.fixture(scope="module")
 def graph():
-    return import_graph(_modules())
+    # Parsed in a fresh interpreter: Python 3.11's ast.parse keeps a process-wide recursion counter that a test
+    # worker's leftover threads can disturb ("AST constructor recursion depth mismatch").
+    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {m: set(targets) for m, targets in json.loads(r.stdout).items()}
 
 
 def test_cycle_finder_finds_a_planted_cycle():
@@ -131,3 +138,7 @@ def test_no_module_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for base in ("dcam_jax", "eval") for p in (ROOT / base).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert long == {}
+
+
+if __name__ == "__main__":  # the graph fixture's subprocess
+    print(json.dumps({m: sorted(t) for m, t in import_graph(_modules()).items()}))
