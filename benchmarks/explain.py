@@ -12,7 +12,9 @@ aggregation, conservative rule) unless its name says otherwise.
 
 Then the decision probe for every answer token, under full and prefix-LM attention: the per-state path (one state
 per token, each state's whole sequence run) against the library's path (tokens committed at one step share a
-state; under prefix-LM the prompt runs forward once for all states), checked equal first.
+state; under prefix-LM the prompt runs forward once for all states), checked equal first. Last, three prompts of
+nearby lengths: how many programs compile and how long the first calls take with the prompt padded to its bucket
+(the default) and at its exact length.
 
 Usage:
   python benchmarks/explain.py                       # CPU, a small random model
@@ -84,6 +86,7 @@ def main(argv):
     for k in ks[1:]:
         print(f"noise x{k} cost relative to x{ks[0]}: {noise[k] / noise[ks[0]]:.2f}x")
     _decision_paths(b, base)
+    _prompt_lengths(b, base)
 
 
 def _per_state_decision(b, cam, targets):
@@ -117,6 +120,31 @@ def _decision_paths(b, base):
         diff = float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-12))
         t_ref, t_now = _timed(ref), _timed(now)
         print(f"{attention:<12}{t_ref / G:>24.4f}{t_now / G:>22.4f}{t_ref / t_now:>8.2f}x{diff:>10.1e}")
+
+
+def _prompt_lengths(b, base):
+    """Three prompts of nearby lengths (4 and 8 more text rows) explained one after the other, with the prompt padded
+    to its bucket (the library's default) and at its exact length: programs compiled and wall time of the three
+    first calls (compile included), then the steady-state cost of each way."""
+    cam = cam_config.resolve(dataclasses.replace(base, probe="decision"), b.cfg)
+    extra = jax.random.normal(jax.random.key(3), (8, b.lm.d_model), b.emb.dtype) * 0.02
+    embs = [jnp.concatenate([b.emb, extra[:n]]) for n in (0, 4, 8)]
+    lengths = [int(e.shape[0]) for e in embs]
+    print(f"\nprompts of {lengths} rows (buckets {[ex.prompt_bucket(n) for n in lengths]}), decision probe, "
+          f"{len(b.targets)} targets:")
+    print(f"{'prompt':<16}{'programs compiled':>19}{'first calls s':>15}{'of it XLA compile s':>21}{'median s':>10}")
+    for bucket in (False, True):
+        def call(e):
+            return ex.raw_token_maps(b.params, b.cfg, cam, e, b.layout, b.answer, b.targets, commit_step=b.commit,
+                                     bucket_prompt=bucket)[0]
+
+        attr.batched_state_maps.clear_cache()  # nothing compiled by the sections above counts
+        n0 = attr.batched_state_maps._cache_size()
+        firsts = [_lm_bench.first_call(lambda e=e: call(e))[1:] for e in embs]
+        compiled = attr.batched_state_maps._cache_size() - n0
+        steady = _timed(lambda: call(embs[1]))
+        print(f"{'bucketed' if bucket else 'exact length':<16}{compiled:>19}{sum(f[0] for f in firsts):>15.2f}"
+              f"{sum(f[1] for f in firsts):>21.2f}{steady:>10.3f}")
 
 
 if __name__ == "__main__":

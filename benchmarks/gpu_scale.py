@@ -16,7 +16,7 @@ call's wall time and the XLA compile time inside it are printed separately:
   - attribution of one answer token, and of every answer token in one call (``cam.explain.raw_token_maps``, the
     ``diffusion_cam`` preset: decision probe, conservative gradient rule, gradient x activation at the model's
     layer; raw maps, no refinement), the probe states taken from the sampled answer's trajectory.
-For each row: FLOPs counted from the shapes (see :func:`block_flops`), achieved TFLOP/s, its fraction of the
+For each row: FLOPs counted from the shapes (see ``_flops.py``), achieved TFLOP/s, its fraction of the
 card's bf16 dense peak (H100 SXM and H200: 989 TFLOP/s; 'unknown' for other devices) and the device's peak
 memory so far (``memory_stats()['peak_bytes_in_use']``; 'n/a' where the backend keeps none). Rows run in the
 order printed, so the peak column grows with the row that needed it.
@@ -43,9 +43,9 @@ import numpy as np
 from absl import app, flags
 
 import _lm_bench
+from _flops import image_flops, lm_flops, raw_token_maps_flops, sampling_flops
 from dcam_jax import api, fileio
 from dcam_jax import sampling as gen
-from dcam_jax.cam import attribution as attr
 from dcam_jax.cam import config as cam_config
 from dcam_jax.cam import explain as ex
 from dcam_jax.models import config as C
@@ -87,75 +87,6 @@ def scaled_config(scale: int, dtype: str) -> C.MLLMConfig:
     vis = dataclasses.replace(vis, width=vis.width // scale, depth=max(1, vis.depth // scale),
                               num_heads=max(1, vis.num_heads // scale), mlp_dim=vis.mlp_dim // scale)
     return cfg.replace(lm=lm, vision=vis, name=f"lavida/{scale}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FLOPs, counted from the shapes (XLA's cost analysis counts the body of a scan once, not once per layer or step):
-# every matrix product counts 2 FLOPs per multiply-add; the attention scores and the probability-weighted values
-# are counted over all Tq x Tk pairs, masked ones included (the implementation computes them); norms, RoPE,
-# softmax, activations, embedding look-ups and the sampler's top-k are left out (well under 1% of the total here).
-
-
-def block_flops(lm: C.LMConfig, tq: int, tk: int) -> tuple[int, int]:
-    """(dense, attention) FLOPs of one LM block's forward for ``tq`` query tokens over ``tk`` keys."""
-    qd, kvd = lm.n_heads * lm.head_dim, lm.n_kv_heads * lm.head_dim
-    dense = 2 * tq * lm.d_model * (2 * qd + 2 * kvd + 3 * lm.mlp_hidden)  # q, k, v, o; gate, up, down
-    return dense, 4 * tq * tk * qd  # Q K^T and P V
-
-
-def lm_flops(lm: C.LMConfig, tq: int, tk: int, head_tokens: int) -> int:
-    """One LM forward over ``tq`` queries and ``tk`` keys, the head applied at ``head_tokens`` positions."""
-    return lm.n_layers * sum(block_flops(lm, tq, tk)) + 2 * head_tokens * lm.d_model * lm.vocab_size
-
-
-def image_flops(cfg: C.MLLMConfig, n_views: int) -> int:
-    """Tower (patch embedding, encoder layers) and projector over ``n_views`` views."""
-    v, D = cfg.vision, cfg.lm.d_model
-    P, W, M = v.num_patches, v.width, v.mlp_dim
-    layer = 2 * P * (4 * W * W + 2 * W * M) + 4 * P * P * W
-    return n_views * (2 * P * v.patch_size ** 2 * 3 * W + v.depth * layer + 2 * P * (W * D + D * D))
-
-
-def sampling_flops(lm: C.LMConfig, P: int, G: int, steps: int, prefix_cache: bool) -> int:
-    """Every step runs the LM (head on the G answer positions); with the cache the prompt runs once alone and a
-    step runs only the answer's G queries over the P + G keys."""
-    if prefix_cache:
-        return lm.n_layers * sum(block_flops(lm, P, P)) + steps * lm_flops(lm, G, P + G, G)
-    return steps * lm_flops(lm, P + G, P + G, G)
-
-
-def _reverse_flops(lm: C.LMConfig, tq: int, tk: int, grad_rule: str) -> int:
-    """One block's reverse pass for ``tq`` queries over ``tk`` keys with respect to the activations only (no weight
-    gradients: each dense product once more). The reverse attention is dV, dP, dQ, dK (twice the forward's
-    products); under the ``conservative`` rule the probabilities are held, so only dV = P^T dO remains and no
-    gradient reaches the Q and K projections."""
-    dense, attn = block_flops(lm, tq, tk)
-    if grad_rule == "conservative":
-        return dense - 2 * tq * lm.d_model * (lm.n_heads + lm.n_kv_heads) * lm.head_dim + attn // 2
-    return dense + 2 * attn
-
-
-def attribution_flops(lm: C.LMConfig, S: int, layer: int, grad_rule: str, states: int) -> int:
-    """Whole-sequence path, one target per state: per probe state the forward of all S tokens, the head at the
-    target and its gradient, then the reverse pass of blocks L+1 .. N-1 (:func:`_reverse_flops`)."""
-    head = 2 * lm.d_model * lm.vocab_size
-    return states * (lm_flops(lm, S, S, 1) + head + (lm.n_layers - layer - 1) * _reverse_flops(lm, S, S, grad_rule))
-
-
-def attribution_flops_shared(lm: C.LMConfig, P: int, G: int, layer: int, grad_rule: str, states: int,
-                             targets_per_state: int) -> int:
-    """Prefix-LM path (``attribution.shares_prefix``): the prompt's P tokens run forward once (less the attention
-    of its last block, whose output feeds nothing and which XLA drops); per state only the G answer tokens run
-    forward (over P + G keys); per target the head and its gradient, then blocks L+1 .. N-1 in reverse for the
-    answer rows and, through the prompt's keys and values, for the prompt rows."""
-    head = 2 * lm.d_model * lm.vocab_size
-    upper = lm.n_layers - layer - 1
-    per_target = 2 * head + upper * (_reverse_flops(lm, G, P + G, grad_rule) + _reverse_flops(lm, P, P, grad_rule))
-    prompt = lm.n_layers * sum(block_flops(lm, P, P)) - (block_flops(lm, P, P)[1] if upper else 0)
-    return prompt + states * (lm.n_layers * sum(block_flops(lm, G, P + G)) + targets_per_state * per_target)
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def card_peak(device_kind: str) -> tuple[str, float | None]:
@@ -250,13 +181,7 @@ def main(argv):
         return ex.raw_token_maps(params, cfg, cam, emb, layout, answer, targets, commit_step=commit)
 
     def work(targets):
-        """FLOPs of raw_token_maps for ``targets``, on the path it takes (the states and target rows it runs)."""
-        _, _, groups = ex._probe_states(cam, answer, np.asarray(targets), commit, None, lm.mask_id)
-        states = len(groups) if len(groups) == 1 else -(-len(groups) // cam.batch_size) * cam.batch_size
-        per_state = ex._padded_length(max(len(g) for g in groups), 8)
-        if attr.shares_prefix(ex.grad_spec(cam)):
-            return attribution_flops_shared(lm, P, G, cam.layer, cam.grad_rule, states, per_state)
-        return attribution_flops(lm, S, cam.layer, cam.grad_rule, states * per_state)
+        return raw_token_maps_flops(cam, lm, P, answer, targets, commit)
 
     t_one = row("attribution, 1 token (decision probe)", lambda: attribute([0]), work([0]))
     t_all = row(f"attribution, {G} tokens in one call (decision probe)", lambda: attribute(list(range(G))),

@@ -197,7 +197,7 @@ def test_default_maps_are_the_normalised_gradient_times_activation(tiny_model, g
         for p in targets:
             state = np.where(g.commit_step < g.commit_step[p], g.tokens, cfg.lm.mask_id)
             A, hN, vjp_fn = attr._forward_split(lm, cfg.lm, spec, emb, jax.numpy.asarray(state))
-            s, cot = jax.value_and_grad(lambda h: attr._score(lm, cfg.lm, spec, h, emb.shape[0], answer, valid, p,
+            s, cot = jax.value_and_grad(lambda h: attr._score(lm, cfg.lm, spec, h, answer, valid, p,
                                                               int(g.tokens[p]), 0, 0))(hN)
             out.append((A[0], vjp_fn(cot)[0][0], s))
         return out

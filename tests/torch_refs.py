@@ -31,6 +31,51 @@ def llama_from_lm_params(cfg, p, dtype=torch.float64, attn_implementation="eager
     return m
 
 
+def hold_gates(m, layer: int, rule: str) -> dict:
+    """Make LlamaForCausalLM ``m`` differentiate the way our gradient ``rule`` does above block ``layer``, in place:
+    for "conservative_norm" and "conservative" the RMSNorms of blocks layer+1 .. N-1 and the final norm use a
+    detached 1/rms factor, and for "conservative" the attention probabilities of those blocks are detached as well
+    (computed eagerly there; blocks <= layer keep the model's attention implementation). Forward values do not
+    change. Returns the call records {"norm": [...], "attention": [layer index, ...]} that show the patches were
+    on the path."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama as ml
+
+    calls = {"norm": [], "attention": []}
+    held_norm, held_probs = rule != "standard", rule == "conservative"
+
+    def held_rms(norm):
+        def forward(x):
+            calls["norm"].append(1)
+            inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            return norm.weight * (x * inv.detach())
+        return forward
+
+    if held_norm:
+        for blk in m.model.layers[layer + 1:]:
+            blk.input_layernorm.forward = held_rms(blk.input_layernorm)
+            blk.post_attention_layernorm.forward = held_rms(blk.post_attention_layernorm)
+        m.model.norm.forward = held_rms(m.model.norm)
+    below = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, ml.eager_attention_forward)
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        calls["attention"].append(module.layer_idx)
+        if not (held_probs and module.layer_idx > layer):
+            return below(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
+        k = ml.repeat_kv(key, module.num_key_value_groups)
+        v = ml.repeat_kv(value, module.num_key_value_groups)
+        w = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        p = torch.softmax(w, dim=-1).detach()
+        return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+
+    name = f"dcam_held_{id(m)}"
+    transformers.AttentionInterface.register(name, attention)
+    m.config._attn_implementation = name
+    return calls
+
+
 def additive_mask(allowed: np.ndarray) -> torch.Tensor:
     """Bool [B, 1, T, T] (True = attend) -> float additive mask (0 / -1e9); eager attention adds masks."""
     return torch.from_numpy(np.where(allowed, 0.0, -1e9)).double()

@@ -137,15 +137,33 @@ def aggregate(A: jax.Array, G: jax.Array, aggregation: str, grad_relu: bool = Fa
 # the forward split at layer L
 
 
-def _lower_upper(lm: Params, cfg, spec: GradSpec, h0: jax.Array, positions, bias):
-    """Return (A, upper) with A the hooked activation [1, T, D] and upper(A) -> final hidden [1, T, D]."""
+def _answer_rows_above(layers: Params, cfg, rule: str, h: jax.Array, start: int, positions, bias, P: int):
+    """Blocks ``start`` .. N-1 from the residual stream h [1, T, D] entering block ``start``, returning the final
+    hidden state of the answer rows only, [1, T - P, D]. Every score reads only those rows, so the top block
+    computes its prompt rows' keys and values and nothing else (:func:`llada.block_kv`)."""
+    N = cfg.n_layers
+    if start >= N:
+        return h[:, P:]
+    h = llada.run_blocks(layers, cfg, h, positions=positions, bias=bias, start=start, stop=N - 1, grad_rule=rule)
+    lp = llada.layer_params(layers, N - 1)
+    cos, sin = llada.rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    kv_p = llada.block_kv(lp, h[:, :P], cos[:, :P], sin[:, :P], cfg, rule)
+    if bias is not None and bias.shape[2] > 1:  # a bias with one query row (key padding only) holds for every row
+        bias = bias[:, :, P:]
+    out, _ = llada.block(lp, h[:, P:], cos[:, P:], sin[:, P:], bias, cfg, cache_kv=kv_p, grad_rule=rule)
+    return out
+
+
+def _lower_upper(lm: Params, cfg, spec: GradSpec, h0: jax.Array, positions, bias, P: int):
+    """Return (A, upper) with A the hooked activation [1, T, D] and upper(A) -> the final hidden state of the
+    answer rows (positions P onwards) [1, T - P, D]."""
     layers = lm["layers"]
     L, rule = spec.layer, spec.grad_rule
     if spec.hook == "residual":
         A = llada.run_blocks(layers, cfg, h0, positions=positions, bias=bias, stop=L + 1)
 
         def upper(a):
-            return llada.run_blocks(layers, cfg, a, positions=positions, bias=bias, start=L + 1, grad_rule=rule)
+            return _answer_rows_above(layers, cfg, rule, a, L + 1, positions, bias, P)
 
         return A, upper
     h_in = llada.run_blocks(layers, cfg, h0, positions=positions, bias=bias, stop=L)
@@ -156,31 +174,44 @@ def _lower_upper(lm: Params, cfg, spec: GradSpec, h0: jax.Array, positions, bias
 
     def upper(m):
         h = llada.mlp_half(lp, h_mid, m)
-        return llada.run_blocks(layers, cfg, h, positions=positions, bias=bias, start=L + 1, grad_rule=rule)
+        return _answer_rows_above(layers, cfg, rule, h, L + 1, positions, bias, P)
 
     return A, upper
 
 
-def _forward_split(lm: Params, cfg, spec: GradSpec, prompt_embeds: jax.Array, state: jax.Array):
-    """Forward [prompt | state] split at the hook: (A [1, T, D], final hidden hN [1, T, D], vjp of hN wrt A)."""
+def _positions_and_valid(P: int, G: int, valid_len):
+    """RoPE positions [1, P + G] and key mask ([1, P + G] bool, or None) of [prompt | answer] where the prompt's
+    last ``P - valid_len`` rows are padding (``valid_len`` None: no padding). Padding rows are masked out as keys
+    and the answer's positions continue right after the valid prompt, so the valid rows compute exactly what they
+    compute without padding."""
+    if valid_len is None:
+        return jnp.arange(P + G, dtype=jnp.int32)[None], None
+    valid_len = jnp.asarray(valid_len, jnp.int32)
+    positions = jnp.concatenate([jnp.arange(P, dtype=jnp.int32), valid_len + jnp.arange(G, dtype=jnp.int32)])
+    return positions[None], jnp.concatenate([jnp.arange(P) < valid_len, jnp.ones((G,), bool)])[None]
+
+
+def _forward_split(lm: Params, cfg, spec: GradSpec, prompt_embeds: jax.Array, state: jax.Array, valid_len=None):
+    """Forward [prompt | state] split at the hook: (A [1, T, D], the answer rows' final hidden state hN [1, G, D],
+    vjp of hN wrt A). valid_len: None, or the number of real prompt rows when prompt_embeds is right-padded."""
     P = prompt_embeds.shape[0]
     ans_emb = llada.embed_tokens(lm, cfg, state[None])
     h0 = jnp.concatenate([prompt_embeds.astype(ans_emb.dtype)[None], ans_emb], axis=1)
     T = h0.shape[1]
-    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    positions, key_valid = _positions_and_valid(P, T - P, valid_len)
     bias = llada.attention_bias(jnp.arange(T), T, attention=spec.attention,
-                                prefix_len=P if spec.attention == "prefix_lm" else None)
-    A, upper = _lower_upper(lm, cfg, spec, h0, positions, bias)
+                                prefix_len=P if spec.attention == "prefix_lm" else None, key_valid=key_valid)
+    A, upper = _lower_upper(lm, cfg, spec, h0, positions, bias, P)
     hN, vjp_fn = jax.vjp(upper, A)
     return A, hN, vjp_fn
 
 
-def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, P: int, answer: jax.Array, answer_valid: jax.Array,
+def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, answer: jax.Array, answer_valid: jax.Array,
            pos, tok, cpos, ctok):
-    """Scalar score of one target from the final hidden state hN [1, T, D] (float32)."""
+    """Scalar score of one target from the final hidden state of the answer rows hN [1, G, D] (float32)."""
 
     def logits_at(q):
-        x = jax.lax.dynamic_slice_in_dim(hN, P + q, 1, axis=1)  # [1, 1, D]
+        x = jax.lax.dynamic_slice_in_dim(hN, q, 1, axis=1)  # [1, 1, D]
         return llada.final_logits(lm, cfg, x, spec.grad_rule)[0, 0]  # [V]
 
     def one(q, y):
@@ -196,7 +227,7 @@ def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, P: int, answer: jax.A
         raise AssertionError(spec.score)
 
     if spec.score == "sum_logits":
-        lg = llada.final_logits(lm, cfg, hN[:, P:], spec.grad_rule)[0]  # [G, V]
+        lg = llada.final_logits(lm, cfg, hN, spec.grad_rule)[0]  # [G, V]
         return jnp.sum(jnp.where(answer_valid, jnp.take_along_axis(lg, answer[:, None], 1)[:, 0], 0.0))
     s = one(pos, tok)
     if spec.contrast == "runner_up":
@@ -210,19 +241,21 @@ def _score(lm: Params, cfg, spec: GradSpec, hN: jax.Array, P: int, answer: jax.A
 
 def state_maps(params: Params, config: MLLMConfig, spec: GradSpec, prompt_embeds: jax.Array,
                image_positions: jax.Array, state: jax.Array, answer: jax.Array, answer_valid: jax.Array,
-               target_pos: jax.Array, target_tok: jax.Array, contrast_pos: jax.Array, contrast_tok: jax.Array):
+               target_pos: jax.Array, target_tok: jax.Array, contrast_pos: jax.Array, contrast_tok: jax.Array,
+               valid_len=None):
     """Raw maps of several targets at ONE probe state (one forward, one vmapped reverse pass).
 
-    prompt_embeds: [P, D] (image spliced in); image_positions: [H, W] int sequence positions of the view;
+    prompt_embeds: [P, D] (image spliced in), right-padded when ``valid_len`` (int scalar, the number of real
+    prompt rows) is given; image_positions: [H, W] int sequence positions of the view;
     state: [G] answer ids at this probe state (mask ids where masked); answer: [G] the final answer ids;
     answer_valid: [G] bool, real answer tokens (for "sum_logits"); target_pos/target_tok/contrast_pos/contrast_tok:
     [Tg] int. Returns (maps [Tg, H, W] float32, not normalised; scores [Tg] float32).
     """
-    lm, cfg, P = params["lm"], config.lm, prompt_embeds.shape[0]
-    A, hN, vjp_fn = _forward_split(lm, cfg, spec, prompt_embeds, state)
+    lm, cfg = params["lm"], config.lm
+    A, hN, vjp_fn = _forward_split(lm, cfg, spec, prompt_embeds, state, valid_len)
 
     def one_target(pos, tok, cpos, ctok):
-        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), P, answer, answer_valid,
+        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), answer, answer_valid,
                                     pos, tok, cpos, ctok)
         s, cot = jax.value_and_grad(score_fn)(hN)
         (G,) = vjp_fn(cot.astype(hN.dtype))
@@ -241,18 +274,18 @@ def grad_activation_alignment(params: Params, config: MLLMConfig, spec: GradSpec
     points to; when the upper network reads A only through RMSNorm, which is blind to each token's scale, G_i is
     orthogonal to A_i and the channel-weighted map loses the object's own terms. Same inputs as
     :func:`state_maps` (``spec.score`` / ``spec.attention`` / ``spec.hook`` / ``spec.layer`` are used; no
-    contrast). Returns (cos [Tg, H, W] = G_i . A_i / (|G_i| |A_i|), gnorm [Tg, H, W] = |G_i|,
+    contrast; the prompt at its exact length, no ``valid_len``). Returns (cos [Tg, H, W] = G_i . A_i / (|G_i| |A_i|), gnorm [Tg, H, W] = |G_i|,
     anorm [H, W] = |A_i|), float32. ``anorm`` shows the other way the channel-weighted map can fail: when the
     tokens the score does not depend on have much larger states than those it does (high-norm background
     tokens), sum_c w_c A_c is dominated by them.
     """
-    lm, cfg, P = params["lm"], config.lm, prompt_embeds.shape[0]
+    lm, cfg = params["lm"], config.lm
     A, hN, vjp_fn = _forward_split(lm, cfg, spec, prompt_embeds, state)
     valid = jnp.ones(answer.shape, bool)
     a = A[0][image_positions].astype(jnp.float32)
 
     def one_target(pos, tok):
-        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), P, answer, valid, pos, tok, pos, tok)
+        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), answer, valid, pos, tok, pos, tok)
         cot = jax.grad(score_fn)(hN)
         (G,) = vjp_fn(cot.astype(hN.dtype))
         g = G[0][image_positions].astype(jnp.float32)
@@ -265,13 +298,15 @@ def grad_activation_alignment(params: Params, config: MLLMConfig, spec: GradSpec
 
 
 def _batched_state_maps(params, config, spec, batch_size, prompt_embeds, image_positions, states, answer,
-                        answer_valid, target_pos, target_tok, contrast_pos, contrast_tok, share_prefix=True):
+                        answer_valid, target_pos, target_tok, contrast_pos, contrast_tok, share_prefix=True,
+                        valid_len=None):
     """states: [S, G]; targets: [S, Tg]. -> (maps [S, Tg, H, W], scores [S, Tg]).
 
     With ``share_prefix`` and :func:`shares_prefix` true, the prompt runs forward once for all states (the maps are
-    the same; ``share_prefix=False`` runs every state's whole sequence, the reference the benchmarks compare)."""
+    the same; ``share_prefix=False`` runs every state's whole sequence, the reference the benchmarks compare).
+    valid_len: None, or the number of real rows of a right-padded prompt_embeds (see :func:`state_maps`)."""
     if share_prefix and shares_prefix(spec):
-        prefix = _prefix_part(params["lm"], config.lm, spec, prompt_embeds)
+        prefix = _prefix_part(params["lm"], config.lm, spec, prompt_embeds, valid_len)
 
         def f(xs):
             st, tp, tt, cp, ct = xs
@@ -281,7 +316,7 @@ def _batched_state_maps(params, config, spec, batch_size, prompt_embeds, image_p
         def f(xs):
             st, tp, tt, cp, ct = xs
             return state_maps(params, config, spec, prompt_embeds, image_positions, st, answer, answer_valid,
-                              tp, tt, cp, ct)
+                              tp, tt, cp, ct, valid_len)
 
     return jax.lax.map(f, (states, target_pos, target_tok, contrast_pos, contrast_tok),
                        batch_size=min(batch_size, states.shape[0]))
@@ -294,21 +329,29 @@ batched_state_maps = jax.jit(_batched_state_maps, static_argnums=(1, 2, 3), stat
 # prefix-LM: the prompt's forward once for every probe state
 
 
-def _prefix_part(lm: Params, cfg, spec: GradSpec, prompt_embeds: jax.Array):
+def _prefix_part(lm: Params, cfg, spec: GradSpec, prompt_embeds: jax.Array, valid_len=None):
     """What no probe state changes under prefix-LM attention (the prompt never sees the answer): the prompt's
     hooked activation A_p [1, P, D], its keys and values below and above the hook ([L+1, 1, P, KV, Dh] and
-    [N-L-1, 1, P, KV, Dh]) and the vjp from the upper keys and values back to A_p."""
+    [N-L-1, 1, P, KV, Dh]), the vjp from the upper keys and values back to A_p, and ``valid_len``."""
     layers, L, P = lm["layers"], spec.layer, prompt_embeds.shape[0]
     h0 = prompt_embeds[None].astype(llada.compute_dtype(cfg))
-    positions = jnp.arange(P, dtype=jnp.int32)[None]
-    A_p, kv_lo = llada.run_blocks(layers, cfg, h0, positions=positions, stop=L + 1, return_kv=True)
+    positions, key_valid = _positions_and_valid(P, 0, valid_len)
+    bias = None if key_valid is None else llada.attention_bias(jnp.arange(P), P, key_valid=key_valid)
+    A_p, kv_lo = llada.run_blocks(layers, cfg, h0, positions=positions, bias=bias, stop=L + 1, return_kv=True)
+    N, rule = cfg.n_layers, spec.grad_rule
 
     def upper_kv(a):
-        return llada.run_blocks(layers, cfg, a, positions=positions, start=L + 1, return_kv=True,
-                                grad_rule=spec.grad_rule)[1]
+        if L + 1 >= N:
+            return llada.run_blocks(layers, cfg, a, positions=positions, start=N, return_kv=True)[1]
+        # blocks L+1 .. N-2 whole; of the top block only the keys and values (nothing reads its prompt rows' output)
+        h, (k, v) = llada.run_blocks(layers, cfg, a, positions=positions, bias=bias, start=L + 1, stop=N - 1,
+                                     return_kv=True, grad_rule=rule)
+        cos, sin = llada.rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        kt, vt = llada.block_kv(llada.layer_params(layers, N - 1), h, cos, sin, cfg, rule)
+        return jnp.concatenate([k, kt[None]]), jnp.concatenate([v, vt[None]])
 
     kv_up, vjp_p = jax.vjp(upper_kv, A_p)
-    return A_p, kv_lo, kv_up, vjp_p
+    return A_p, kv_lo, kv_up, vjp_p, valid_len
 
 
 def _prefix_state_maps(lm: Params, cfg, spec: GradSpec, prefix, image_positions, state, answer, answer_valid,
@@ -316,20 +359,23 @@ def _prefix_state_maps(lm: Params, cfg, spec: GradSpec, prefix, image_positions,
     """:func:`state_maps` under prefix-LM attention given :func:`_prefix_part`: only the answer's rows run forward
     (over the cached prompt keys and values); each target's reverse pass goes from its score through the answer
     rows into the upper keys and values and then through the shared prompt vjp to A_p."""
-    A_p, kv_lo, kv_up, vjp_p = prefix
+    A_p, kv_lo, kv_up, vjp_p, valid_len = prefix
     layers, L, P, G = lm["layers"], spec.layer, A_p.shape[1], state.shape[0]
-    positions = (P + jnp.arange(G, dtype=jnp.int32))[None]
-    A_s = llada.run_blocks(layers, cfg, llada.embed_tokens(lm, cfg, state[None]), positions=positions,
-                           stop=L + 1, cache_kv=kv_lo)  # answer queries see every key: no bias
+    positions, key_valid = _positions_and_valid(P, G, valid_len)
+    positions = positions[:, P:]
+    # answer queries see every key but a padded prompt's padding
+    bias = None if key_valid is None else llada.attention_bias(jnp.arange(G), P + G, key_valid=key_valid)
+    A_s = llada.run_blocks(layers, cfg, llada.embed_tokens(lm, cfg, state[None]), positions=positions, bias=bias,
+                           stop=L + 1, cache_kv=kv_lo)
 
     def upper(kv):
-        return llada.run_blocks(layers, cfg, A_s, positions=positions, start=L + 1, cache_kv=kv,
+        return llada.run_blocks(layers, cfg, A_s, positions=positions, bias=bias, start=L + 1, cache_kv=kv,
                                 grad_rule=spec.grad_rule)
 
     hN, vjp_s = jax.vjp(upper, kv_up)
 
     def one_target(pos, tok, cpos, ctok):
-        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), 0, answer, answer_valid,
+        score_fn = lambda h: _score(lm, cfg, spec, h.astype(jnp.float32), answer, answer_valid,
                                     pos, tok, cpos, ctok)
         s, cot = jax.value_and_grad(score_fn)(hN)
         (dkv,) = vjp_s(cot.astype(hN.dtype))

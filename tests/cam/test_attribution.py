@@ -2,8 +2,6 @@
 mask and retain_grad on the layer-L hidden state), finite differences, batched == looped. (Every method preset
 against a NumPy computation from A and G: test_methods.py.)"""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,10 +93,10 @@ def test_gradient_matches_finite_differences(setup):
     h0 = jnp.concatenate([emb[None], mllm.llada.embed_tokens(lm, cfg, jnp.asarray(answer)[None])], 1)
     Tn = h0.shape[1]
     pos = jnp.arange(Tn)[None]
-    A, upper = attr._lower_upper(lm, cfg, spec, h0, pos, None)
+    A, upper = attr._lower_upper(lm, cfg, spec, h0, pos, None, P)
 
     def score(a):
-        return attr._score(lm, cfg, spec, upper(a).astype(jnp.float32), P, jnp.asarray(answer),
+        return attr._score(lm, cfg, spec, upper(a).astype(jnp.float32), jnp.asarray(answer),
                            jnp.ones(G, bool), 1, int(answer[1]), 0, 0)
 
     score = jax.jit(score)
@@ -232,3 +230,40 @@ def test_grad_spec_carries_the_resolved_config():
             spec.grad_rule) == (1, cam.hook, cam.attention, cam.score, "runner_up", "gxa", False, "conservative")
     with pytest.raises(ValueError, match="resolved"):
         ex.grad_spec(cam_config.CamConfig())
+
+
+def test_prompt_bucket_lengths():
+    assert [ex.prompt_bucket(n) for n in (1, 8, 9, 64, 65, 70, 129, 860, 924, 1025, 1048, 1112)] == \
+        [8, 8, 16, 64, 72, 72, 136, 864, 928, 1088, 1088, 1152]
+    for n in range(1, 5000):
+        b = ex.prompt_bucket(n)
+        assert b >= n and b % 8 == 0 and b - n < max(8, n / 16 + 1), n
+    assert len({ex.prompt_bucket(n) for n in range(1025, 2049)}) == 16  # sixteen lengths per octave
+
+
+@pytest.mark.parametrize("attention,layer,rule", [("full", 0, "standard"), ("prefix_lm", 0, "standard"),
+                                                  ("prefix_lm", 1, "conservative"), ("full", 1, "conservative_norm")])
+def test_prompt_padded_to_its_bucket_gives_the_exact_length_maps(setup, attention, layer, rule):
+    """raw_token_maps right-pads the prompt to prompt_bucket(P) rows, masked out as keys, the answer's positions
+    unchanged: maps and scores equal those at the exact length (decision probe, three states; the hook right below
+    the top block and one block lower, three rules; at block 1 the standard rule's gradient x activation vanishes
+    through the top block's RMSNorm, so the held-norm rules are used there); two prompt lengths in one bucket share
+    one compiled program, while exact lengths compile one each."""
+    params, emb, layout, answer, commit = setup
+    P = emb.shape[0]
+    assert ex.prompt_bucket(P) > P + 1  # padding rows are really there, for both lengths below
+    cam = cam_config.resolve(cam_config.CamConfig(method="hirescam", probe="decision", layer=layer,
+                                                  attention=attention, grad_rule=rule), CFG)
+    run = lambda e, bucket: ex.raw_token_maps(params, CFG, cam, e, layout, answer, [0, 1, 2, 3], commit_step=commit,
+                                              bucket_prompt=bucket)
+    padded, exact = run(emb, True), run(emb, False)
+    assert float(np.asarray(exact[0]).max()) > 0
+    np.testing.assert_allclose(np.asarray(padded[0]), np.asarray(exact[0]), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(np.asarray(exact[0])).max()))
+    np.testing.assert_allclose(np.asarray(padded[1]), np.asarray(exact[1]), rtol=1e-4, atol=1e-5)
+    longer = jnp.concatenate([emb, emb[-1:]])  # one more text row, same bucket
+    n = attr.batched_state_maps._cache_size()
+    run(longer, True)
+    assert attr.batched_state_maps._cache_size() == n
+    run(longer, False)
+    assert attr.batched_state_maps._cache_size() == n + 1

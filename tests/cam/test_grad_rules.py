@@ -187,10 +187,9 @@ def test_forward_values_bitwise_equal_across_rules(setup, lib, forward, decision
             np.testing.assert_array_equal(lib.maps[c][1], ref)
     for rule in RULES:  # the vjp's own forward
         np.testing.assert_array_equal(lib.grad[rule, attention][0], lib.grad["standard", attention][0])
-        if attention == "prefix_lm":  # the maps run the prompt once for all states: the same values up to rounding
-            np.testing.assert_allclose(lib.grad[rule, attention][0], ref, rtol=1e-6)
-        else:
-            np.testing.assert_array_equal(lib.grad[rule, attention][0], ref)
+        # the maps' program (vmapped over targets, batched over states; under prefix-LM the prompt once for all
+        # states) computes the same scores up to float rounding
+        np.testing.assert_allclose(lib.grad[rule, attention][0], ref, rtol=1e-6)
     if attention == "full":  # batched_state_maps as the library compiles it, conservative rule, at the same state
         assert TARGETS[0] == 0 and np.array_equal(decision.states[0], setup.state)
         np.testing.assert_allclose(decision.alone[0][1][0], ref[0], rtol=1e-6)
@@ -308,53 +307,24 @@ def test_gradient_is_finite_differences_of_the_frozen_network(setup, lib, attent
 
 @pytest.fixture(scope="module")
 def torch_ref():
-    """torch, transformers' modeling_llama and the shared builders (imported once: ~6 s)."""
+    """torch and the shared builders of tests/torch_refs.py (imported once: ~6 s)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from transformers.models.llama import modeling_llama
-    from torch_refs import additive_mask, layer_state_and_grad, llama_from_lm_params
+    from torch_refs import additive_mask, hold_gates, layer_state_and_grad, llama_from_lm_params
 
-    return SimpleNamespace(torch=torch, ml=modeling_llama, additive_mask=additive_mask,
+    return SimpleNamespace(torch=torch, additive_mask=additive_mask, hold_gates=hold_gates,
                            layer_state_and_grad=layer_state_and_grad, llama_from_lm_params=llama_from_lm_params)
 
 
-def _torch_maps(s, tr, rule, attention, monkeypatch):
+def _torch_maps(s, tr, rule, attention):
     """Maps {aggregation: [Tg, H, W]}, gradients [Tg, H, W, D] and scores [Tg] of TARGETS from LlamaForCausalLM
     (float64) with the layer-L output retain_grad()-ed, the RMSNorms above L (and the final norm) using a detached
-    1/rms factor and, for "conservative", the softmax probabilities of the layers above L detached; layers <= L
-    stay as transformers has them."""
-    torch, ml = tr.torch, tr.ml
+    1/rms factor and, for "conservative", the softmax probabilities of the layers above L detached
+    (``torch_refs.hold_gates``); layers <= L stay as transformers has them."""
     m = tr.llama_from_lm_params(CFG.lm, s.lm)
-    norm_calls, attn_calls = [], []
-
-    def held_rms(norm):
-        def forward(x):
-            norm_calls.append(1)
-            inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-            return norm.weight * (x * inv.detach())
-        return forward
-
-    held_norm, held_probs = rule != "standard", rule == "conservative"
-    if held_norm:
-        for layer in m.model.layers[L + 1:]:
-            layer.input_layernorm.forward = held_rms(layer.input_layernorm)
-            layer.post_attention_layernorm.forward = held_rms(layer.post_attention_layernorm)
-        m.model.norm.forward = held_rms(m.model.norm)
-    eager = ml.eager_attention_forward
-
-    def attention_fn(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
-        attn_calls.append(module.layer_idx)
-        if not (held_probs and module.layer_idx > L):
-            return eager(module, query, key, value, attention_mask, scaling, dropout, **kw)
-        k = ml.repeat_kv(key, module.num_key_value_groups)
-        v = ml.repeat_kv(value, module.num_key_value_groups)
-        w = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            w = w + attention_mask
-        p = torch.softmax(w, dim=-1).detach()
-        return torch.matmul(p, v).transpose(1, 2).contiguous(), p
-
-    monkeypatch.setattr(ml, "eager_attention_forward", attention_fn)
+    calls = tr.hold_gates(m, L, rule)
+    held_norm = rule != "standard"
+    torch = tr.torch
     lm = s.lm
     x = torch.from_numpy(np.concatenate([np.asarray(s.emb, np.float64),
                                          np.asarray(lm["embed"], np.float64)[s.state]], 0))[None]
@@ -371,16 +341,16 @@ def _torch_maps(s, tr, rule, attention, monkeypatch):
         maps["gradcam"].append(np.maximum((A * Gr.mean(axis=(0, 1))).sum(-1), 0.0))
         grads.append(Gr)
         scores.append(logp)
-    # the patches were on the path: every layer's attention ran through attention_fn, each held norm once
-    assert attn_calls == list(range(CFG.lm.n_layers)) * len(TARGETS)
-    assert len(norm_calls) == (2 * (CFG.lm.n_layers - L - 1) + 1) * len(TARGETS) * held_norm
+    # the patches were on the path: every layer's attention went through hold_gates' function, each held norm once
+    assert calls["attention"] == list(range(CFG.lm.n_layers)) * len(TARGETS)
+    assert len(calls["norm"]) == (2 * (CFG.lm.n_layers - L - 1) + 1) * len(TARGETS) * held_norm
     return {k: np.stack(v) for k, v in maps.items()}, np.stack(grads), np.array(scores)
 
 
 @pytest.mark.parametrize("attention", ATTN)
 @pytest.mark.parametrize("rule", ["conservative_norm", "conservative"])
-def test_maps_match_torch_with_detached_gates(setup, lib, torch_ref, monkeypatch, rule, attention):
-    ref, ref_grads, ref_scores = _torch_maps(setup, torch_ref, rule, attention, monkeypatch)
+def test_maps_match_torch_with_detached_gates(setup, lib, torch_ref, rule, attention):
+    ref, ref_grads, ref_scores = _torch_maps(setup, torch_ref, rule, attention)
     for agg in ("gxa", "gradcam"):
         got, scores = lib.maps[(rule, attention, agg)]
         assert ref[agg].max() > 0  # non-trivial maps

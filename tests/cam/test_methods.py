@@ -138,7 +138,6 @@ def reference(setup):
     computed in one program: A and the vjp from attribution._forward_split, the score from attribution._score."""
     params, emb, layout = setup
     img = layout.positions()
-    P = int(emb.shape[0])
     keys = sorted({tuple(m[k] for k in _GRAD_KEYS) for m in METHODS.values()})
 
     def run(params, emb):
@@ -152,7 +151,7 @@ def reference(setup):
                 A, hN, vjp_fn = attr._forward_split(params["lm"], CFG.lm, spec, emb,
                                                     jnp.asarray(np_state(f["probe"], p)))
                 cpos, ctok = np_contrast(f["contrast"], p)
-                score = lambda h: attr._score(params["lm"], CFG.lm, spec, h, P, jnp.asarray(ANSWER),
+                score = lambda h: attr._score(params["lm"], CFG.lm, spec, h, jnp.asarray(ANSWER),
                                               jnp.asarray(VALID), p, int(ANSWER[p]), cpos, ctok)
                 s, cot = jax.value_and_grad(score)(hN)
                 (G,) = vjp_fn(cot)

@@ -169,3 +169,22 @@ def test_bad_inputs_raise_clear_errors():
         llada.lm_logits(p, cfg, jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
     with pytest.raises(KeyError, match="lm_head"):
         llada.lm_logits({"embed": p["embed"], "layers": p["layers"], "final_norm": p["final_norm"]}, cfg, ids)
+
+
+@pytest.mark.parametrize("rule", ["standard", "conservative"])
+def test_block_kv_is_the_keys_and_values_a_block_returns(rule):
+    cfg = CFG_GQA
+    p = _random_params(cfg, 11)
+    lp = llada.layer_params(p["layers"], 1)
+    h = jnp.asarray(np.random.default_rng(12).standard_normal((2, 7, cfg.d_model)), jnp.float32)
+    cos, sin = llada.rope_angles(jnp.broadcast_to(jnp.arange(3, 10), (2, 7)), cfg.head_dim, cfg.rope_theta)
+    _, (k_ref, v_ref) = llada.block(lp, h, cos, sin, None, cfg, grad_rule=rule)
+    k, v = llada.block_kv(lp, h, cos, sin, cfg, rule)
+    assert k.shape == v.shape == (2, 7, cfg.n_kv_heads, cfg.head_dim)
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(k_ref))
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref))
+    # the rule reaches the backward pass: the held 1/rms factor changes dv/dh, not v
+    dv = lambda r: jax.grad(lambda x: llada.block_kv(lp, x, cos, sin, cfg, r)[1].sum())(h)
+    assert float(jnp.abs(dv("standard") - dv("conservative")).max()) > 1e-4
+    with pytest.raises(ValueError):
+        llada.block_kv(lp, h, cos, sin, cfg, "nope")
