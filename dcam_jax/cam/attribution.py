@@ -274,10 +274,10 @@ def grad_activation_alignment(params: Params, config: MLLMConfig, spec: GradSpec
     points to; when the upper network reads A only through RMSNorm, which is blind to each token's scale, G_i is
     orthogonal to A_i and the channel-weighted map loses the object's own terms. Same inputs as
     :func:`state_maps` (``spec.score`` / ``spec.attention`` / ``spec.hook`` / ``spec.layer`` are used; no
-    contrast; the prompt at its exact length, no ``valid_len``). Returns (cos [Tg, H, W] = G_i . A_i / (|G_i| |A_i|), gnorm [Tg, H, W] = |G_i|,
-    anorm [H, W] = |A_i|), float32. ``anorm`` shows the other way the channel-weighted map can fail: when the
-    tokens the score does not depend on have much larger states than those it does (high-norm background
-    tokens), sum_c w_c A_c is dominated by them.
+    contrast; the prompt at its exact length, no ``valid_len``). Returns (cos [Tg, H, W] = G_i . A_i /
+    (|G_i| |A_i|), gnorm [Tg, H, W] = |G_i|, anorm [H, W] = |A_i|), float32. ``anorm`` shows the other way the
+    channel-weighted map can fail: when the tokens the score does not depend on have much larger states than
+    those it does (high-norm background tokens), sum_c w_c A_c is dominated by them.
     """
     lm, cfg = params["lm"], config.lm
     A, hN, vjp_fn = _forward_split(lm, cfg, spec, prompt_embeds, state)

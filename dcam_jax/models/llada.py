@@ -159,14 +159,19 @@ def _attend(q, k, v, bias, cfg: LMConfig, hold_probs: bool = False):
     return o.reshape(B, Tq, H * Dh)
 
 
-def _qkv(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, cfg: LMConfig, hold_norm: bool):
-    """Queries [B, T, H, Dh], keys and values [B, T, KV, Dh] of a block's tokens (RoPE applied to q and k)."""
+def _qkv(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, cfg: LMConfig, grad_rule: str):
+    """Queries [B, T, H, Dh], keys and values [B, T, KV, Dh] of a block's tokens (RoPE applied to q and k).
+
+    Under the ``conservative`` rule the keys carry no gradient (the probabilities that read them are held) and are
+    returned as ``stop_gradient``, so a reverse pass through a cache of them skips the key projections."""
+    hold_norm, hold_probs = check_grad_rule(grad_rule)
     B, T, _ = h.shape
     a = rms_norm(h, lp["attn_norm"], cfg.rms_eps, hold_scale=hold_norm)
     q = linear(a, lp["q"]).reshape(B, T, cfg.n_heads, cfg.head_dim)
     k = linear(a, lp["k"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     v = linear(a, lp["v"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    k = apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), (jax.lax.stop_gradient(k) if hold_probs else k), v
 
 
 def block_kv(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, cfg: LMConfig,
@@ -174,23 +179,19 @@ def block_kv(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, cfg: LMCo
     """Only the keys (RoPE applied) and values a block computes from the residual stream h [B, T, D]:
     (k, v) [B, T, KV, Dh], as :func:`block` returns them. For rows whose block output nothing reads (the top
     block's prompt rows when only answer rows are scored): the rest of the block is not computed."""
-    hold_norm, hold_probs = check_grad_rule(grad_rule)
-    _, k, v = _qkv(lp, h, cos, sin, cfg, hold_norm)
-    return (jax.lax.stop_gradient(k) if hold_probs else k), v
+    _, k, v = _qkv(lp, h, cos, sin, cfg, grad_rule)
+    return k, v
 
 
 def attention_half(lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias, cfg: LMConfig,
                    cache_kv: tuple[jax.Array, jax.Array] | None = None, grad_rule: str = "standard"):
-    """First half of a block: h + Attn(RMSNorm(h)). Returns (h_mid [B, T, D], (k, v) of these tokens).
-
-    Under the ``conservative`` rule the keys carry no gradient (the probabilities that read them are held), and the
-    returned keys say so (``stop_gradient``): a reverse pass through a cache of them skips the key projections."""
-    hold_norm, hold_probs = check_grad_rule(grad_rule)
-    q, k, v = _qkv(lp, h, cos, sin, cfg, hold_norm)
+    """First half of a block: h + Attn(RMSNorm(h)). Returns (h_mid [B, T, D], (k, v) of these tokens; see
+    :func:`_qkv` for the keys under the ``conservative`` rule)."""
+    hold_probs = check_grad_rule(grad_rule)[1]
+    q, k, v = _qkv(lp, h, cos, sin, cfg, grad_rule)
     k_all, v_all = (k, v) if cache_kv is None else (jnp.concatenate([cache_kv[0], k], 1),
                                                      jnp.concatenate([cache_kv[1], v], 1))
-    k_out = jax.lax.stop_gradient(k) if hold_probs else k
-    return h + linear(_attend(q, k_all, v_all, bias, cfg, hold_probs), lp["o"]), (k_out, v)
+    return h + linear(_attend(q, k_all, v_all, bias, cfg, hold_probs), lp["o"]), (k, v)
 
 
 def mlp_norm(lp: Params, h_mid: jax.Array, cfg: LMConfig, grad_rule: str = "standard") -> jax.Array:
